@@ -1,0 +1,326 @@
+"""The config schema: every field `mlm` reads, its default, and validation with one-line errors.
+
+Config files under `configs/` start from `base_config()` and change fields; `validate` then
+checks the result against the schema (unknown fields, wrong types, bad values) before anything runs.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Sequence
+
+import ml_collections
+
+from mlm.errors import ConfigError
+
+COMPUTE_DTYPES = ("float32", "bfloat16")
+OPTIMIZERS = ("adamw", "lamb")
+MODES = ("train", "eval", "train_and_eval")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Returns the full schema with BERT-base defaults; config files override fields of it.
+
+    Returns:
+      An unlocked ConfigDict with sections `model`, `data`, `train` and `optimizer`.
+    """
+    config = ml_collections.ConfigDict()
+
+    config.model = ml_collections.ConfigDict(
+        dict(
+            vocab_size=30522,
+            hidden_size=768,
+            num_layers=12,
+            num_heads=12,
+            intermediate_size=3072,
+            max_position_embeddings=512,
+            type_vocab_size=2,
+            dropout_rate=0.1,
+            attention_dropout_rate=0.1,
+            dtype="float32",
+        )
+    )
+    config.data = ml_collections.ConfigDict(
+        dict(
+            # Comma-separated globs of text files, one sentence per line, blank line between
+            # documents. Empty: the built-in corpus (Python standard library docstrings).
+            train_files="",
+            eval_files="",
+            # A BERT vocab.txt; empty: train a WordPiece vocab of model.vocab_size on train_files.
+            vocab_file="",
+            lowercase=True,
+            seq_length=128,
+            max_predictions_per_seq=20,
+            masking_rate=0.15,
+            whole_word_masking=False,
+            use_next_sentence_label=True,
+            short_seq_prob=0.1,
+        )
+    )
+    config.train = ml_collections.ConfigDict(
+        dict(
+            global_batch_size=256,
+            num_steps=1_000_000,
+            log_every=100,
+            eval_every=10_000,
+            eval_steps=100,
+            checkpoint_every=10_000,
+            keep_checkpoints=3,
+            seed=42,
+        )
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=1e-4,
+            warmup_steps=10_000,
+            end_learning_rate=0.0,
+            power=1.0,
+            weight_decay=0.01,
+            clip_norm=1.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-6,
+            grad_accum_steps=1,
+        )
+    )
+    return config
+
+
+# (num_layers, hidden_size, num_heads): BERT (Devlin et al. 2018) and the compact models of
+# Turc et al. 2019 ("Well-Read Students Learn Better"); intermediate_size is 4 * hidden_size.
+MODEL_SIZES = {
+    "tiny": (2, 128, 2),
+    "mini": (4, 256, 4),
+    "small": (4, 512, 8),
+    "medium": (8, 512, 8),
+    "base": (12, 768, 12),
+    "large": (24, 1024, 16),
+}
+
+
+def sized_config(size: str) -> ml_collections.ConfigDict:
+    """Returns `base_config()` with the model dimensions of a named BERT size.
+
+    Args:
+      size: one of MODEL_SIZES ('tiny', 'mini', 'small', 'medium', 'base', 'large').
+
+    Returns:
+      The config; training fields keep BERT's phase-1 recipe (seq 128, batch 256, lr 1e-4).
+    """
+    if size not in MODEL_SIZES:
+        raise ConfigError(f"unknown model size '{size}'; use one of {', '.join(MODEL_SIZES)}")
+    num_layers, hidden_size, num_heads = MODEL_SIZES[size]
+    config = base_config()
+    config.model.num_layers = num_layers
+    config.model.hidden_size = hidden_size
+    config.model.num_heads = num_heads
+    config.model.intermediate_size = 4 * hidden_size
+    return config
+
+
+def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+    """Flattens a ConfigDict into {'section.field': value}."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            flat.update(_leaves(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _did_you_mean(name: str, known: Sequence[str]) -> str:
+    """Returns ' (did you mean X?)' for the closest known field name, or ''."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_schema(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for fields the schema does not have or values of the wrong type."""
+    schema = _leaves(base_config())
+    given = _leaves(config)
+    for name, value in given.items():
+        if name not in schema:
+            raise ConfigError(
+                f"unknown config field '{name}'{_did_you_mean(name, schema)}; the fields are"
+                " listed in README.md 'Config reference'"
+            )
+        expected = type(schema[name])
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            ok = True
+        if not ok:
+            raise ConfigError(
+                f"config field '{name}' must be {expected.__name__}, got {value!r} "
+                f"({type(value).__name__}); fix the value in the config file or the override"
+            )
+    missing = sorted(set(schema) - set(given))
+    if missing:
+        raise ConfigError(
+            f"config is missing field '{missing[0]}'; start config files from"
+            " mlm.config.base_config()"
+        )
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_values(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for values that are of the right type but cannot work."""
+    model, data, train, opt = config.model, config.data, config.train, config.optimizer
+    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _require(model[name] > 0, f"model.{name} must be positive, got {model[name]}")
+    _require(
+        model.hidden_size % model.num_heads == 0,
+        f"model.hidden_size ({model.hidden_size}) must be divisible by model.num_heads "
+        f"({model.num_heads})",
+    )
+    _require(
+        model.dtype in COMPUTE_DTYPES,
+        f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{model.dtype}'",
+    )
+    for name in ("dropout_rate", "attention_dropout_rate"):
+        _require(0.0 <= model[name] < 1.0, f"model.{name} must be in [0, 1), got {model[name]}")
+    _require(
+        8 <= data.seq_length <= model.max_position_embeddings,
+        f"data.seq_length ({data.seq_length}) must be between 8 and "
+        f"model.max_position_embeddings ({model.max_position_embeddings})",
+    )
+    _require(
+        1 <= data.max_predictions_per_seq <= data.seq_length,
+        f"data.max_predictions_per_seq ({data.max_predictions_per_seq}) must be between 1 and "
+        f"data.seq_length ({data.seq_length})",
+    )
+    _require(
+        0.0 < data.masking_rate < 1.0,
+        f"data.masking_rate must be in (0, 1), got {data.masking_rate}",
+    )
+    _require(
+        0.0 <= data.short_seq_prob <= 1.0,
+        f"data.short_seq_prob must be in [0, 1], got {data.short_seq_prob}",
+    )
+    _require(
+        not data.use_next_sentence_label or model.type_vocab_size >= 2,
+        "data.use_next_sentence_label needs model.type_vocab_size >= 2, got "
+        f"{model.type_vocab_size}",
+    )
+    for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
+        _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    for name in ("eval_every", "eval_steps", "keep_checkpoints"):
+        _require(train[name] >= 0, f"train.{name} must be >= 0, got {train[name]}")
+    _require(
+        opt.name in OPTIMIZERS,
+        f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{opt.name}'",
+    )
+    _require(opt.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
+    _require(
+        0 <= opt.warmup_steps <= train.num_steps,
+        f"optimizer.warmup_steps ({opt.warmup_steps}) must be between 0 and train.num_steps "
+        f"({train.num_steps}); lower it when shortening a run",
+    )
+    _require(
+        opt.grad_accum_steps >= 1,
+        f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}",
+    )
+    _require(
+        train.global_batch_size % opt.grad_accum_steps == 0,
+        f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
+        f"optimizer.grad_accum_steps ({opt.grad_accum_steps})",
+    )
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a config against the schema and returns it locked.
+
+    Args:
+      config: a config built from `base_config()`.
+
+    Returns:
+      The same config, locked so later typos in attribute access fail loudly.
+
+    Raises:
+      ConfigError: with a one-line message naming the field and the fix.
+    """
+    _check_schema(config)
+    for name, value in _leaves(config).items():
+        expected = type(_leaves(base_config())[name])
+        if expected is float and isinstance(value, int):
+            section, field = name.split(".")
+            with config.unlocked():
+                config[section][field] = float(value)
+    _check_values(config)
+    config.lock()
+    return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file (for notebooks and tools; the CLI uses absl flags).
+
+    Args:
+      path: a Python file defining `get_config()`.
+
+    Returns:
+      The config it returns (not yet validated).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist; pass e.g. configs/quickstart.py")
+    spec = importlib.util.spec_from_file_location("mlm_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(
+            f"config file '{path}' defines no get_config(); see configs/quickstart.py"
+        )
+    return module.get_config()
+
+
+_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
+    """Raises ConfigError for a `--config.x.y=v` flag naming a field the config does not have.
+
+    absl's config flags already type-check values; an unknown name would otherwise surface as a
+    traceback from inside flag parsing.
+
+    Args:
+      config: the config loaded from the `--config` file.
+      argv: the command line.
+    """
+    known = _leaves(config)
+    for arg in argv:
+        match = _OVERRIDE.match(arg)
+        if match and match.group(1) not in known:
+            name = match.group(1)
+            raise ConfigError(
+                f"unknown config field '{name}' in override '{arg}'{_did_you_mean(name, known)};"
+                " the fields are listed in README.md 'Config reference'"
+            )
+
+
+def config_file_from_argv(argv: Sequence[str]) -> str | None:
+    """Returns the value of `--config FILE` / `--config=FILE` in argv, if any."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+    """Serialises a config as stable, indented JSON (the workdir's config.json)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Reads a config written by `to_json`, validating it against the current schema."""
+    return validate(ml_collections.ConfigDict(json.loads(text)))
