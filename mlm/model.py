@@ -1,0 +1,358 @@
+"""BERT encoder (post-LN, as original BERT / Model Garden `BertEncoder`) and pretraining heads.
+
+Parameters are always float32; `dtype` only sets the compute dtype of the matmuls. LayerNorms
+compute and return float32, so the residual stream stays float32; logits are returned as float32.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LAYER_NORM_EPSILON = 1e-12
+INITIALIZER_STDDEV = 0.02
+
+# No stddev correction in jax's truncated_normal: values lie in (-0.04, 0.04), as in TF/BERT.
+kernel_init = nn.initializers.truncated_normal(INITIALIZER_STDDEV)
+layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32)
+dense = functools.partial(nn.Dense, param_dtype=jnp.float32, kernel_init=kernel_init)
+dense_general = functools.partial(nn.DenseGeneral, param_dtype=jnp.float32, kernel_init=kernel_init)
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """Boolean self-attention mask for packed, padded rows.
+
+    Token i attends to token j iff both belong to the same non-zero segment. Padding queries
+    (segment 0) attend only to themselves, so no softmax row is empty; nothing real sees them.
+
+    Args:
+      segment_ids: int [B, S], 1, 2, ... per packed sequence, 0 at padding.
+
+    Returns:
+      bool [B, 1, S, S] (broadcast over heads).
+    """
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    key_is_real = (segment_ids != 0)[:, None, :]
+    itself = jnp.eye(segment_ids.shape[1], dtype=bool)[None]
+    return ((same_segment & key_is_real) | itself)[:, None]
+
+
+def fused_attention(
+    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """Attention without dropout via `jax.nn.dot_product_attention`.
+
+    Softmax precision, checked in jax 0.10.2 `jax/_src/nn/functions.py`
+    (`_dot_product_attention_core`, used by the default 'xla' implementation): the QK^T einsum
+    uses `preferred_element_type=promote_types(query.dtype, float32)` (dot algorithm
+    BF16_BF16_F32 for bfloat16), so the logits are float32; the mask fills a finite large negative
+    number; the logits are cast to float32 before the softmax; only the probabilities are cast back
+    to the input dtype for the PV matmul. So with bfloat16 inputs the softmax already runs in
+    float32 and nothing needs to be added here.
+
+    Args:
+      query, key, value: [B, T, N, D] in the compute dtype.
+      mask: bool, broadcastable to [B, N, T, T].
+
+    Returns:
+      [B, T, N, D] in the input dtype.
+    """
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+
+
+def dropout_attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    *,
+    dropout_rate: float,
+    dropout_rng: jax.Array | None,
+) -> jax.Array:
+    """`fused_attention` via `flax.linen.dot_product_attention`, plus dropout on the probabilities.
+
+    Flax computes QK^T in the input dtype and, unless told otherwise, the softmax too; the arguments
+    below make it match `fused_attention`: float32 logits, float32 softmax, probabilities cast to
+    the value dtype for the PV matmul.
+
+    Args:
+      query, key, value: [B, T, N, D] in the compute dtype.
+      mask: bool, broadcastable to [B, N, T, T].
+      dropout_rate: dropout rate on the attention probabilities.
+      dropout_rng: PRNG key for the dropout; None disables it.
+
+    Returns:
+      [B, T, N, D] in the value dtype.
+    """
+
+    def weights_times_value(equation: str, weights: jax.Array, value: jax.Array) -> jax.Array:
+        return jnp.einsum(equation, weights.astype(value.dtype), value)
+
+    return nn.dot_product_attention(
+        query,
+        key,
+        value,
+        mask=mask,
+        broadcast_dropout=False,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        deterministic=dropout_rng is None,
+        force_fp32_for_softmax=True,
+        qk_attn_weights_einsum=functools.partial(jnp.einsum, preferred_element_type=jnp.float32),
+        attn_weights_value_einsum=weights_times_value,
+    )
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with [H, N, D] projection kernels."""
+
+    hidden_size: int
+    num_heads: int
+    attention_dropout_rate: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """Args: x [B, S, H]; mask bool [B, 1, S, S]. Returns: [B, S, H] in the compute dtype."""
+        heads = (self.num_heads, self.hidden_size // self.num_heads)
+        query = dense_general(heads, dtype=self.dtype, name="query")(x)
+        key = dense_general(heads, dtype=self.dtype, name="key")(x)
+        value = dense_general(heads, dtype=self.dtype, name="value")(x)
+        if not deterministic and self.attention_dropout_rate > 0:
+            rate, rng = self.attention_dropout_rate, self.make_rng("dropout")
+            context = dropout_attention(query, key, value, mask, dropout_rate=rate, dropout_rng=rng)
+        else:
+            context = fused_attention(query, key, value, mask)
+        output = dense_general(self.hidden_size, axis=(-2, -1), dtype=self.dtype, name="output")
+        return output(context)
+
+
+class TransformerLayer(nn.Module):
+    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 gelu(W1 x)))."""
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
+        """Args: x float32 [B, S, H]; mask bool [B, 1, S, S]. Returns: float32 [B, S, H]."""
+        dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
+        attended = SelfAttention(
+            self.hidden_size,
+            self.num_heads,
+            self.attention_dropout_rate,
+            dtype=self.dtype,
+            name="attention",
+        )(x, mask, deterministic=deterministic)
+        x = layer_norm(name="attention_layer_norm")(x + dropout(attended))
+        hidden = dense(self.intermediate_size, dtype=self.dtype, name="intermediate")(x)
+        hidden = dense(self.hidden_size, dtype=self.dtype, name="output")(
+            nn.gelu(hidden, approximate=True)
+        )
+        return layer_norm(name="output_layer_norm")(x + dropout(hidden))
+
+
+class Encoder(nn.Module):
+    """Word + position + token-type embeddings, LayerNorm, dropout, then `num_layers` blocks."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        embed = functools.partial(nn.Embed, features=self.hidden_size, embedding_init=kernel_init)
+        self.word_embeddings = embed(self.vocab_size)
+        self.position_embeddings = embed(self.max_position_embeddings)
+        self.type_embeddings = embed(self.type_vocab_size)
+        self.embeddings_layer_norm = layer_norm()
+        self.embeddings_dropout = nn.Dropout(self.dropout_rate)
+        self.layers = [
+            TransformerLayer(
+                self.hidden_size,
+                self.num_heads,
+                self.intermediate_size,
+                self.dropout_rate,
+                self.attention_dropout_rate,
+                dtype=self.dtype,
+                name=f"layer_{i}",
+            )
+            for i in range(self.num_layers)
+        ]
+
+    def __call__(
+        self,
+        word_ids: jax.Array,
+        type_ids: jax.Array,
+        position_ids: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        deterministic: bool,
+    ) -> jax.Array:
+        """Encodes token ids.
+
+        Args:
+          word_ids, type_ids, position_ids, segment_ids: int [B, S] (see the batch format).
+          deterministic: disables dropout when True.
+
+        Returns:
+          float32 [B, S, H] sequence output.
+        """
+        if word_ids.shape[1] > self.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {word_ids.shape[1]} exceeds model.max_position_embeddings "
+                f"({self.max_position_embeddings}); shorten data.seq_length or raise the limit"
+            )
+        # Padding positions may hold any value: pin them to 0, as an out-of-range id gathers NaN.
+        position_ids = jnp.where(segment_ids != 0, position_ids, 0)
+        x = (
+            self.word_embeddings(word_ids)
+            + self.position_embeddings(position_ids)
+            + self.type_embeddings(type_ids)
+        )
+        x = self.embeddings_layer_norm(x)
+        x = self.embeddings_dropout(x, deterministic=deterministic)
+        mask = attention_mask(segment_ids)
+        for layer in self.layers:
+            x = layer(x, mask, deterministic=deterministic)
+        return x
+
+
+class MaskedLMHead(nn.Module):
+    """Dense + GELU + LayerNorm on the gathered slots, then tied word-embedding projection."""
+
+    hidden_size: int
+    vocab_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, sequence_output: jax.Array, positions: jax.Array, word_embeddings: jax.Array
+    ) -> jax.Array:
+        """Args: sequence_output [B, S, H]; positions int [B, P]; word_embeddings [V, H].
+
+        Returns: float32 [B, P, V] logits.
+        """
+        x = jnp.take_along_axis(sequence_output, positions[:, :, None], axis=1)
+        x = dense(self.hidden_size, dtype=self.dtype, name="dense")(x)
+        x = layer_norm(name="layer_norm")(nn.gelu(x, approximate=True))
+        logits = jnp.einsum(
+            "bph,vh->bpv",
+            x.astype(self.dtype),
+            word_embeddings.astype(self.dtype),
+            preferred_element_type=jnp.float32,
+        )
+        output_bias = self.param("output_bias", nn.initializers.zeros, (self.vocab_size,))
+        return logits + output_bias
+
+
+class NextSentenceHead(nn.Module):
+    """Pooler Dense(H, tanh) on the first ([CLS]) token, then a Dense(2) classifier."""
+
+    hidden_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sequence_output: jax.Array) -> jax.Array:
+        """Args: sequence_output [B, S, H]. Returns: float32 [B, 2] logits."""
+        pooler = dense(self.hidden_size, dtype=self.dtype, name="pooler")
+        pooled = jnp.tanh(pooler(sequence_output[:, 0]))
+        return dense(2, dtype=self.dtype, name="classifier")(pooled).astype(jnp.float32)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT encoder with the masked-LM head and, if `use_next_sentence`, the next-sentence head."""
+
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_position_embeddings: int
+    type_vocab_size: int
+    dropout_rate: float = 0.1
+    attention_dropout_rate: float = 0.1
+    dtype: jnp.dtype = jnp.float32
+    use_next_sentence: bool = False
+
+    def setup(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
+                f"({self.num_heads}); change one of them"
+            )
+        self.encoder = Encoder(
+            self.vocab_size,
+            self.hidden_size,
+            self.num_layers,
+            self.num_heads,
+            self.intermediate_size,
+            self.max_position_embeddings,
+            self.type_vocab_size,
+            self.dropout_rate,
+            self.attention_dropout_rate,
+            dtype=self.dtype,
+        )
+        self.mlm_head = MaskedLMHead(self.hidden_size, self.vocab_size, dtype=self.dtype)
+        if self.use_next_sentence:
+            self.nsp_head = NextSentenceHead(self.hidden_size, dtype=self.dtype)
+
+    def encode(self, batch: Mapping[str, jax.Array], *, deterministic: bool) -> jax.Array:
+        """Runs the encoder.
+
+        Args:
+          batch: `input_word_ids`, `input_mask`, `input_type_ids`, optional `packed_segment_ids`
+            (default `input_mask`) and `position_ids` (default arange(S)), all int [B, S].
+          deterministic: disables dropout when True (otherwise needs a 'dropout' rng).
+
+        Returns:
+          float32 [B, S, H] sequence output.
+        """
+        word_ids = batch["input_word_ids"]
+        segment_ids = batch.get("packed_segment_ids", batch["input_mask"])
+        default_positions = jnp.broadcast_to(jnp.arange(word_ids.shape[1]), word_ids.shape)
+        position_ids = batch.get("position_ids", default_positions)
+        return self.encoder(
+            word_ids,
+            batch["input_type_ids"],
+            position_ids,
+            segment_ids,
+            deterministic=deterministic,
+        )
+
+    def __call__(
+        self, batch: Mapping[str, jax.Array], *, deterministic: bool
+    ) -> dict[str, jax.Array]:
+        """Computes pretraining logits.
+
+        Args:
+          batch: the `encode` inputs plus `masked_lm_positions` int [B, P].
+          deterministic: disables dropout when True (otherwise needs a 'dropout' rng).
+
+        Returns:
+          {"mlm_logits": float32 [B, P, V]} plus "nsp_logits": float32 [B, 2] with next-sentence.
+        """
+        sequence_output = self.encode(batch, deterministic=deterministic)
+        word_embeddings = self.encoder.word_embeddings.embedding
+        outputs = {
+            "mlm_logits": self.mlm_head(
+                sequence_output, batch["masked_lm_positions"], word_embeddings
+            )
+        }
+        if self.use_next_sentence:
+            outputs["nsp_logits"] = self.nsp_head(sequence_output)
+        return outputs
