@@ -1,0 +1,1 @@
+"""Input: corpora, WordPiece vocabularies, instance creation, masking and the grain pipeline."""
