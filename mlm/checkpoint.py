@@ -1,0 +1,117 @@
+"""Orbax checkpoints of the train state together with the input iterator's position.
+
+One `CheckpointManager` under `WORKDIR/checkpoints`: each step directory holds the `state` item
+(TaskState, restored already sharded) and the `data` item (grain iterator state, one file per
+process), so a resumed run continues with exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from mlm.errors import WorkdirError
+
+STATE_ITEM = "state"
+DATA_ITEM = "data"
+
+
+class IteratorSnapshot:
+    """The state of a grain iterator, captured when a save starts.
+
+    Orbax may write the `data` item after training has moved on; saving a snapshot instead of
+    the live iterator keeps the saved position that of the saved step. grain's checkpoint
+    handler calls `get_state()` on it and writes the bytes.
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator):
+        self._state = json.dumps(iterator.get_state(), indent=4).encode()
+
+    def get_state(self) -> bytes:
+        """Returns the captured state as JSON bytes."""
+        return self._state
+
+
+def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
+    """Opens (creating if needed) the checkpoint manager of a workdir.
+
+    Args:
+      directory: the checkpoint directory (`WORKDIR/checkpoints`).
+      keep: how many of the latest steps to keep; 0 keeps all.
+
+    Returns:
+      A CheckpointManager with asynchronous saves.
+    """
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as error:
+        raise WorkdirError(
+            f"cannot create checkpoint directory '{directory}' ({error.strerror}); "
+            "choose a writable --workdir"
+        ) from error
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep or None, create=True, enable_async_checkpointing=True
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    data_iterator: grain.DatasetIterator | None,
+) -> None:
+    """Starts an asynchronous save of `state` (and the iterator position) at `step`.
+
+    The device-to-host copy happens before this returns, so `state` may be donated to the next
+    step right away; the files are written in the background.
+
+    Args:
+      manager: from `make_manager`.
+      step: the step number the checkpoint is for.
+      state: the TaskState.
+      data_iterator: the train input iterator, or None.
+    """
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+        items[DATA_ITEM] = grain.checkpoint.CheckpointSave(IteratorSnapshot(data_iterator))
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+
+def restore(
+    manager: ocp.CheckpointManager,
+    step: int,
+    abstract_state: Any,
+    data_iterator: grain.DatasetIterator | None = None,
+) -> Any:
+    """Restores the state (sharded as `abstract_state` says) and, if given, the iterator position.
+
+    Args:
+      manager: from `make_manager`.
+      step: the step to restore.
+      abstract_state: a pytree of `jax.ShapeDtypeStruct` with shardings, e.g. from
+        `jax.eval_shape` of the init function.
+      data_iterator: the train input iterator to move to the saved position, or None.
+
+    Returns:
+      The restored TaskState.
+    """
+    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+        items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+    return restored[STATE_ITEM]
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+    """Attaches shardings to a pytree of ShapeDtypeStructs (the restore target)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        abstract,
+        shardings,
+    )

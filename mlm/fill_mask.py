@@ -1,0 +1,185 @@
+"""Fill in `[MASK]` tokens with a trained model: `python -m mlm.fill_mask`.
+
+Run:
+  python -m mlm.fill_mask --workdir /tmp/mlm_quickstart --text "Return the [MASK] of the list." \
+      --top_k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from mlm import checkpoint, task
+from mlm import config as config_lib
+from mlm.data.inputs import VOCAB_FILENAME
+from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
+from mlm.errors import DataError, MlmError, WorkdirError
+from mlm.optim import create_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+    """A trained model ready for inference.
+
+    Attributes:
+      config: the run's config (from WORKDIR/config.json).
+      vocab: the run's vocab.
+      params: the model parameters of the latest checkpoint.
+      step: the checkpoint's step.
+      infer: jitted `task.inference_step` bound to the model.
+    """
+
+    config: Any
+    vocab: Vocab
+    params: Any
+    step: int
+    infer: Any
+
+
+def load_predictor(workdir: str) -> Predictor:
+    """Loads the config, vocab and latest checkpoint's params of a workdir.
+
+    Args:
+      workdir: a directory written by `mlm.train`.
+
+    Returns:
+      The Predictor.
+
+    Raises:
+      WorkdirError: the workdir has no config.json, vocab.txt or checkpoint.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    vocab_path = os.path.join(workdir, VOCAB_FILENAME)
+    for path in (config_path, vocab_path):
+        if not os.path.isfile(path):
+            raise WorkdirError(
+                f"'{path}' not found; is '{workdir}' a workdir written by mlm.train?"
+            )
+    with open(config_path) as file:
+        config = config_lib.from_json(file.read())
+    vocab = load_vocab(vocab_path, config.data.lowercase)
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = checkpoint.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        raise WorkdirError(f"workdir '{workdir}' has no checkpoints yet; train first")
+    manager = checkpoint.make_manager(directory, keep=0)
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
+        state = checkpoint.restore(manager, step, target)
+    finally:
+        manager.close()
+    infer = jax.jit(functools.partial(task.inference_step, model=model))
+    return Predictor(config=config, vocab=vocab, params=state.params, step=step, infer=infer)
+
+
+def encode_masked_text(text: str, vocab: Vocab, seq_length: int) -> dict[str, np.ndarray]:
+    """Turns text with `[MASK]` markers into a one-row model batch.
+
+    Args:
+      text: e.g. "The capital of France is [MASK]."
+      vocab: the run's vocab.
+      seq_length: the longest row the model was trained on.
+
+    Returns:
+      A batch with `input_word_ids`, `input_mask`, `input_type_ids`, `packed_segment_ids`,
+      `position_ids` [1, S] and `masked_lm_positions` [1, number of masks].
+
+    Raises:
+      DataError: no `[MASK]` in the text, or the text is longer than seq_length tokens.
+    """
+    ids = np.concatenate(
+        [[vocab.cls_id], encode_sentences(vocab, [text])[0], [vocab.sep_id]]
+    ).astype(np.int32)
+    if len(ids) > seq_length:
+        raise DataError(
+            f"the text is {len(ids)} tokens, longer than data.seq_length ({seq_length}); shorten it"
+        )
+    positions = np.flatnonzero(ids == vocab.mask_id).astype(np.int32)
+    if positions.size == 0:
+        raise DataError("the text has no [MASK] token; write [MASK] where a word should go")
+    length = len(ids)
+    padded = np.full((1, seq_length), vocab.pad_id, np.int32)
+    padded[0, :length] = ids
+    mask = np.zeros((1, seq_length), np.int32)
+    mask[0, :length] = 1
+    return {
+        "input_word_ids": padded,
+        "input_mask": mask,
+        "input_type_ids": np.zeros((1, seq_length), np.int32),
+        "packed_segment_ids": mask,
+        "position_ids": np.arange(seq_length, dtype=np.int32)[None],
+        "masked_lm_positions": positions[None],
+    }
+
+
+def fill_mask(predictor: Predictor, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Predicts the `[MASK]` tokens of a text.
+
+    Args:
+      predictor: from `load_predictor`.
+      text: text with one or more `[MASK]` markers.
+      top_k: candidates per mask.
+
+    Returns:
+      For each mask, in order, the top_k (token, probability) pairs, most likely first.
+    """
+    batch = encode_masked_text(text, predictor.vocab, predictor.config.data.seq_length)
+    logits = np.asarray(predictor.infer(predictor.params, batch)["mlm_logits"][0], np.float64)
+    logits = logits[:, : predictor.vocab.size]
+    logits[:, predictor.vocab.special_ids] = -np.inf
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    results = []
+    for row in probs:
+        best = np.argsort(-row, kind="stable")[:top_k]
+        results.append([(predictor.vocab.tokens[i], float(row[i])) for i in best])
+    return results
+
+
+def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) -> str:
+    """Renders predictions as the filled-in sentence and a table per mask."""
+    filled = text
+    for candidates in predictions:
+        filled = filled.replace("[MASK]", candidates[0][0], 1)
+    lines = [f"input:  {text}", f"filled: {filled}"]
+    for index, candidates in enumerate(predictions, 1):
+        lines.append(f"[MASK] {index}:")
+        lines.extend(f"  {probability:7.4f}  {token}" for token, probability in candidates)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, help="a workdir written by mlm.train")
+    parser.add_argument("--text", required=True, help='text with [MASK], e.g. "A [MASK] day."')
+    parser.add_argument("--top_k", type=int, default=5, help="candidates per mask")
+    args = parser.parse_args(argv)
+    try:
+        predictor = load_predictor(args.workdir)
+        predictions = fill_mask(predictor, args.text, args.top_k)
+    except MlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"checkpoint step {predictor.step}")
+    print(format_predictions(args.text, predictions))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""Metric writers: JSON lines, TensorBoard and the console progress bar.
+
+Only process 0 writes; on the other processes every writer is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+
+import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+
+def _jsonable(value: float | int) -> float | int | str | None:
+    """Keeps full float precision; NaN / inf become strings so the file stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class MetricWriter:
+    """Appends metrics to `NAME.jsonl` files and TensorBoard events in a workdir.
+
+    Args:
+      workdir: the run directory; events go to `workdir/tensorboard`.
+    """
+
+    def __init__(self, workdir: str):
+        self._workdir = workdir
+        self._enabled = jax.process_index() == 0
+        self._tensorboard = None
+        if self._enabled:
+            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, name: str, metrics: Mapping[str, float | int]) -> None:
+        """Writes one record (must contain `step`) to `name.jsonl` and TensorBoard.
+
+        Args:
+          name: the file stem, e.g. `metrics` or `eval_metrics`; also the TensorBoard prefix
+            (`train` for `metrics`, `eval` for `eval_metrics`).
+          metrics: `step` and float values.
+        """
+        if not self._enabled:
+            return
+        record = {key: _jsonable(value) for key, value in metrics.items()}
+        with open(os.path.join(self._workdir, f"{name}.jsonl"), "a") as file:
+            file.write(json.dumps(record) + "\n")
+        prefix = "eval" if name.startswith("eval") else "train"
+        step = int(metrics["step"])
+        for key, value in metrics.items():
+            if key != "step":
+                self._tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+        self._tensorboard.flush()
+
+    def close(self) -> None:
+        """Flushes and closes the TensorBoard writer."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def progress_bar(start_step: int, num_steps: int) -> tqdm.tqdm:
+    """Returns the console progress bar (disabled on processes other than 0).
+
+    Args:
+      start_step: the step training starts from (non-zero when resuming).
+      num_steps: the last step.
+    """
+    return tqdm.tqdm(
+        total=num_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=1.0,
+        disable=jax.process_index() != 0,
+    )

@@ -1,0 +1,329 @@
+"""The driver: `train_and_evaluate(config, workdir)` and the `python -m mlm.train` command line.
+
+Run:
+  python -m mlm.train --config configs/quickstart.py --workdir /tmp/mlm_quickstart \
+      [--config.train.num_steps=500 ...] [--mode train|eval|train_and_eval]
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from mlm import checkpoint, parallel, task
+from mlm import config as config_lib
+from mlm.data.inputs import Inputs, build_inputs
+from mlm.errors import MlmError, WorkdirError
+from mlm.metrics import MetricWriter, progress_bar
+from mlm.optim import create_optimizer, learning_rate_schedule
+
+# Sections of config.json a resumed run must share with the run that wrote the checkpoints.
+_FIXED_SECTIONS = ("model", "data")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Creates the workdir, checks it is writable and consistent, and writes `config.json`.
+
+    Args:
+      config: the validated config.
+      workdir: the run directory.
+
+    Raises:
+      WorkdirError: unwritable, or it holds checkpoints of a run with different model/data fields.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+        with open(probe, "w") as file:
+            file.write("ok")
+        os.remove(probe)
+    except OSError as error:
+        raise WorkdirError(
+            f"workdir '{workdir}' is not writable ({error.strerror}); pass a writable --workdir"
+        ) from error
+    path = os.path.join(workdir, "config.json")
+    has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
+        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
+    )
+    if os.path.exists(path) and has_checkpoints:
+        with open(path) as file:
+            previous = json.load(file)
+        current = config.to_dict()
+        for section in _FIXED_SECTIONS:
+            for field, value in current[section].items():
+                if section in previous and previous[section].get(field, value) != value:
+                    raise WorkdirError(
+                        f"workdir '{workdir}' holds a run with {section}.{field}="
+                        f"{previous[section][field]!r}, this config has {value!r}; use a new "
+                        "--workdir or the same config"
+                    )
+    if jax.process_index() == 0:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as file:
+            file.write(config_lib.to_json(config))
+        os.replace(tmp, path)
+
+
+class _TrainLogger:
+    """Aggregates train-step logs on the host, one step late, and writes them every `log_every`.
+
+    `add` hands over the device logs of a just-dispatched step and processes the previous one,
+    whose values are ready by then, so reading metrics never stalls dispatch.
+    """
+
+    def __init__(self, writer: MetricWriter, log_every: int, last_step: int, bar: Any):
+        self._writer = writer
+        self._log_every = log_every
+        self._last_step = last_step
+        self._bar = bar
+        self._pending: tuple[int, Any, int] | None = None
+        self._aggregated = None
+        self._tokens = 0
+        self._steps = 0
+        self._interval_start: float | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def add(self, step: int, device_logs: Any, num_tokens: int) -> None:
+        """Queues step `step` and processes the previously queued one."""
+        previous, self._pending = self._pending, (step, device_logs, num_tokens)
+        if previous is not None:
+            self._process(*previous)
+
+    def flush(self) -> None:
+        """Processes the queued step now (before eval, checkpoints and at the end)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._process(*pending)
+
+    def _process(self, step: int, device_logs: Any, num_tokens: int) -> None:
+        host_logs = jax.device_get(device_logs)
+        now = time.perf_counter()
+        self._bar.update(1)
+        self._aggregated = task.aggregate_logs(self._aggregated, host_logs)
+        if self._interval_start is None:
+            # The first step of a run includes compilation: time from its end instead.
+            self._interval_start = now
+        else:
+            self._tokens += num_tokens
+            self._steps += 1
+        if step % self._log_every and step != self._last_step:
+            return
+        metrics = task.reduce_aggregated_logs(self._aggregated, step)
+        elapsed = now - self._interval_start
+        if self._steps and elapsed > 0:
+            metrics["tokens_per_s"] = self._tokens / elapsed
+            metrics["steps_per_s"] = self._steps / elapsed
+        self._writer.write("metrics", metrics)
+        self._bar.set_postfix(
+            loss=f"{metrics['loss']:.4f}",
+            acc=f"{metrics['masked_lm_accuracy']:.3f}",
+            tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
+        )
+        self.last_metrics = metrics
+        self._aggregated, self._tokens, self._steps = None, 0, 0
+        self._interval_start = now
+
+
+def evaluate(
+    eval_fn: Callable[[Any, Any], Any],
+    params: Any,
+    batches: Iterator[dict[str, np.ndarray]],
+    num_batches: int,
+    mesh: jax.sharding.Mesh,
+    step: int,
+) -> dict[str, float]:
+    """Runs the eval step over up to `num_batches` batches and reduces the metrics.
+
+    Args:
+      eval_fn: the jitted eval step (params, global batch) -> metric sums.
+      params: model parameters.
+      batches: a fresh iterator over the eval set.
+      num_batches: the most batches to use (train.eval_steps); 0 = the whole eval set.
+      mesh: the device mesh.
+      step: the train step the metrics belong to.
+
+    Returns:
+      `step`, `validation_loss`, `lm_example_loss`, `masked_lm_accuracy` (and next-sentence
+      metrics), plus `eval_examples`.
+    """
+    device_logs = []
+    examples = 0
+    for index, batch in enumerate(batches):
+        if num_batches and index >= num_batches:
+            break
+        examples += len(batch["input_word_ids"])
+        device_logs.append(eval_fn(params, parallel.global_batch(batch, mesh)))
+    aggregated = None
+    for logs in jax.device_get(device_logs):
+        aggregated = task.aggregate_logs(aggregated, logs)
+    metrics = task.reduce_aggregated_logs(aggregated or {}, step)
+    metrics["eval_examples"] = examples * jax.process_count()
+    return metrics
+
+
+def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """Builds model and optimizer, the abstract state and its shardings, and the step functions.
+
+    Returns:
+      (abstract state, state shardings, init fn, jitted train step, jitted eval step).
+    """
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    replicated = parallel.replicated_sharding(mesh)
+    shardings = jax.tree.map(lambda _: replicated, abstract)
+    batch_sharding = parallel.batch_sharding(mesh)
+    train_fn = jax.jit(
+        functools.partial(
+            task.train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            grad_accum_steps=config.optimizer.grad_accum_steps,
+        ),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        functools.partial(task.eval_step, model=model),
+        in_shardings=(shardings.params, batch_sharding),
+        out_shardings=replicated,
+    )
+    return abstract, shardings, init_fn, train_fn, eval_fn
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_eval"
+) -> dict[str, dict[str, float]]:
+    """Pretrains (and evaluates) a masked LM, resuming from the workdir's latest checkpoint.
+
+    Args:
+      config: a config from `configs/` (validated here).
+      workdir: where config.json, vocab.txt, metrics, TensorBoard events and checkpoints go.
+      mode: `train`, `eval` (evaluate the latest checkpoint) or `train_and_eval`.
+
+    Returns:
+      {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent).
+    """
+    if mode not in config_lib.MODES:
+        raise config_lib.ConfigError(
+            f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
+        )
+    config = config_lib.validate(config)
+    prepare_workdir(config, workdir)
+    mesh = parallel.make_mesh()
+    parallel.check_batch_size(
+        config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
+    )
+    inputs: Inputs = build_inputs(
+        config,
+        workdir,
+        need_train=mode != "eval",
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+    abstract, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
+    manager = checkpoint.make_manager(
+        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
+    )
+    writer = MetricWriter(workdir)
+    train_iter = iter(inputs.train) if inputs.train is not None else None
+    latest = manager.latest_step()
+    if latest is not None:
+        target = checkpoint.abstract_with_shardings(abstract, shardings)
+        state = checkpoint.restore(manager, latest, target, train_iter)
+        print(f"resumed from {workdir}/checkpoints step {latest}", file=sys.stderr)
+    elif mode == "eval":
+        raise WorkdirError(f"--mode eval: workdir '{workdir}' has no checkpoint; train first")
+    else:
+        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+
+    def run_eval(step: int) -> None:
+        if inputs.eval is None:
+            return
+        metrics = evaluate(
+            eval_fn, state.params, iter(inputs.eval), config.train.eval_steps, mesh, step
+        )
+        writer.write("eval_metrics", metrics)
+        results["eval"] = metrics
+        if jax.process_index() == 0:
+            shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
+            print(f"eval step {step}: {shown}", file=sys.stderr)
+
+    try:
+        if mode == "eval":
+            run_eval(int(state.step))
+            return results
+        start = int(state.step)
+        last = config.train.num_steps
+        bar = progress_bar(start, last)
+        logger = _TrainLogger(writer, config.train.log_every, last, bar)
+        for step in range(start + 1, last + 1):
+            batch = next(train_iter)
+            num_tokens = int(batch["input_mask"].sum()) * jax.process_count()
+            state, logs = train_fn(state, parallel.global_batch(batch, mesh))
+            logger.add(step, logs, num_tokens)
+            save_now = step % config.train.checkpoint_every == 0 or step == last
+            eval_now = mode == "train_and_eval" and (
+                step == last or (config.train.eval_every and step % config.train.eval_every == 0)
+            )
+            if save_now or eval_now:
+                logger.flush()
+            if save_now:
+                checkpoint.save(manager, step, state, train_iter)
+            if eval_now:
+                run_eval(step)
+        logger.flush()
+        bar.close()
+        results["train"] = logger.last_metrics
+        if start == last and mode == "train_and_eval":
+            run_eval(last)
+        return results
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+
+
+def run() -> None:
+    """The command line: parses flags and runs; user mistakes exit 2 with a one-line error."""
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
+    workdir_flag = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
+    mode_flag = flags.DEFINE_enum("mode", "train_and_eval", list(config_lib.MODES), "What to run.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def main(argv: list[str]) -> None:
+        del argv
+        if not flags.FLAGS["verbosity"].present:
+            # Orbax logs every save step at INFO; keep the console to the progress bar.
+            logging.set_verbosity(logging.WARNING)
+        train_and_evaluate(config_flag.value, workdir_flag.value, mode_flag.value)
+
+    try:
+        config_path = config_lib.config_file_from_argv(sys.argv)
+        if config_path:
+            config_lib.check_overrides(config_lib.load_config_file(config_path), sys.argv)
+        app.run(main)
+    except MlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

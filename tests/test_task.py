@@ -1,0 +1,224 @@
+"""Tests for mlm.task: the loss against a hand computation, train/eval/inference steps, logs."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from mlm import config as config_lib
+from mlm import task
+from mlm.optim import create_optimizer, learning_rate_schedule
+
+SEQ, PRED, VOCAB = 16, 4, 50
+
+
+def tiny_config(nsp: bool = False, dropout: float = 0.0) -> ml_collections.ConfigDict:
+    config = config_lib.base_config()
+    config.model.update(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=SEQ,
+        dropout_rate=dropout,
+        attention_dropout_rate=0.0,
+    )
+    config.data.update(seq_length=SEQ, max_predictions_per_seq=PRED, use_next_sentence_label=nsp)
+    config.train.update(global_batch_size=4, num_steps=100)
+    config.optimizer.update(learning_rate=1e-2, warmup_steps=0)
+    return config_lib.validate(config)
+
+
+def random_batch(seed: int, batch_size: int = 4) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(6, SEQ + 1, batch_size)
+    mask = (np.arange(SEQ)[None] < lengths[:, None]).astype(np.int32)
+    positions = np.stack([np.sort(rng.choice(np.arange(1, n - 1), PRED, False)) for n in lengths])
+    weights = (rng.random((batch_size, PRED)) < 0.7).astype(np.float32)
+    weights[:, 0] = 1.0
+    return {
+        "input_word_ids": (rng.integers(5, VOCAB, (batch_size, SEQ)) * mask).astype(np.int32),
+        "input_mask": mask,
+        "input_type_ids": np.zeros((batch_size, SEQ), np.int32),
+        "packed_segment_ids": mask.copy(),
+        "position_ids": np.tile(np.arange(SEQ, dtype=np.int32), (batch_size, 1)),
+        "masked_lm_positions": positions.astype(np.int32),
+        "masked_lm_ids": rng.integers(5, VOCAB, (batch_size, PRED)).astype(np.int32),
+        "masked_lm_weights": weights,
+        "next_sentence_labels": rng.integers(0, 2, batch_size).astype(np.int32),
+    }
+
+
+def make_state(config):
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    state = task.init(
+        jax.random.PRNGKey(0),
+        model=model,
+        tx=tx,
+        seq_length=config.data.seq_length,
+        max_predictions=config.data.max_predictions_per_seq,
+    )
+    return model, tx, state
+
+
+def log_softmax(x):
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+@pytest.mark.parametrize("nsp", [False, True])
+def test_loss_matches_hand_computation(nsp):
+    config = tiny_config(nsp=nsp)
+    model, _, state = make_state(config)
+    batch = random_batch(1)
+    value, sums = task.loss(state.params, batch, None, model=model)
+    outputs = model.apply({"params": state.params}, batch, deterministic=True)
+    logp = log_softmax(np.asarray(outputs["mlm_logits"], np.float64))
+    picked = np.take_along_axis(logp, batch["masked_lm_ids"][..., None], -1)[..., 0]
+    weights = batch["masked_lm_weights"]
+    expected = -(picked * weights).sum() / weights.sum()  # per weighted slot, not per slot
+    if nsp:
+        nsp_logp = log_softmax(np.asarray(outputs["nsp_logits"], np.float64))
+        labels = batch["next_sentence_labels"]
+        expected += -nsp_logp[np.arange(len(labels)), labels].mean()
+    np.testing.assert_allclose(float(value), expected, rtol=1e-5)
+    assert float(sums["lm_weight_sum"]) == weights.sum()
+    correct = (logp.argmax(-1) == batch["masked_lm_ids"]) * weights
+    assert float(sums["lm_correct_sum"]) == correct.sum()
+
+
+def test_loss_ignores_zero_weight_slots():
+    config = tiny_config()
+    model, _, state = make_state(config)
+    batch = random_batch(2)
+    changed = dict(
+        batch, masked_lm_ids=np.where(batch["masked_lm_weights"] > 0, batch["masked_lm_ids"], 7)
+    )
+    a, _ = task.loss(state.params, batch, None, model=model)
+    b, _ = task.loss(state.params, changed, None, model=model)
+    assert float(a) == float(b)
+
+
+def step_fn(config, model, tx, accum):
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    return jax.jit(
+        functools.partial(
+            task.train_step, model=model, tx=tx, schedule=schedule, grad_accum_steps=accum
+        )
+    )
+
+
+def test_gradient_accumulation_equals_full_batch():
+    config = tiny_config()
+    model, tx, state = make_state(config)
+    batch = random_batch(3)
+    full_state, full_logs = step_fn(config, model, tx, 1)(state, batch)
+    _, _, state = make_state(config)
+    accum_state, accum_logs = step_fn(config, model, tx, 2)(state, batch)
+    np.testing.assert_allclose(float(accum_logs["loss"]), float(full_logs["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(
+        float(accum_logs["grad_norm"]), float(full_logs["grad_norm"]), rtol=1e-5
+    )
+    for a, b in zip(
+        jax.tree.leaves(full_state.params), jax.tree.leaves(accum_state.params), strict=True
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    assert float(accum_logs["lm_weight_sum"]) == batch["masked_lm_weights"].sum()
+
+
+def test_train_step_lowers_loss_and_counts_steps():
+    config = tiny_config(nsp=True)
+    model, tx, state = make_state(config)
+    train = step_fn(config, model, tx, 1)
+    batch = random_batch(4)
+    losses = []
+    for _ in range(30):
+        state, logs = train(state, batch)
+        losses.append(float(logs["loss"]))
+    assert int(state.step) == 30
+    assert losses[-1] < 0.5 * losses[0]
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    assert float(logs["learning_rate"]) == pytest.approx(float(schedule(29)))
+    assert {"loss", "grad_norm", "learning_rate", "nsp_loss_sum", "lm_loss_sum"} <= set(logs)
+
+
+def test_dropout_uses_the_step_rng():
+    config = tiny_config(dropout=0.5)
+    model, tx, state = make_state(config)
+    train = step_fn(config, model, tx, 1)
+    batch = random_batch(5)
+    _, logs_a = train(state, batch)
+    _, _, state = make_state(config)
+    _, logs_b = train(state, batch)
+    assert float(logs_a["loss"]) == float(logs_b["loss"])  # same state -> same dropout mask
+    eval_loss, _ = task.loss(state.params, batch, None, model=model)
+    assert float(logs_a["loss"]) != float(eval_loss)  # but dropout was on
+
+
+def test_eval_step_and_inference_step():
+    config = tiny_config(nsp=True)
+    model, _, state = make_state(config)
+    batch = random_batch(6)
+    sums = task.eval_step(state.params, batch, model=model)
+    value, expected = task.loss(state.params, batch, None, model=model)
+    for name in expected:
+        assert float(sums[name]) == float(expected[name])
+    outputs = task.inference_step(state.params, batch, model=model)
+    assert outputs["mlm_logits"].shape == (4, PRED, VOCAB)
+    assert outputs["nsp_logits"].shape == (4, 2)
+    assert outputs["mlm_logits"].dtype == jnp.float32
+
+
+def test_aggregate_and_reduce_logs_by_hand():
+    steps = [
+        {
+            "loss": 3.0,
+            "grad_norm": 1.0,
+            "learning_rate": 0.1,
+            "lm_loss_sum": 10.0,
+            "lm_weight_sum": 4.0,
+            "lm_correct_sum": 1.0,
+            "nsp_loss_sum": 2.0,
+            "nsp_correct_sum": 1.0,
+            "nsp_count": 2.0,
+        },
+        {
+            "loss": 1.0,
+            "grad_norm": 3.0,
+            "learning_rate": 0.2,
+            "lm_loss_sum": 2.0,
+            "lm_weight_sum": 2.0,
+            "lm_correct_sum": 2.0,
+            "nsp_loss_sum": 1.0,
+            "nsp_correct_sum": 2.0,
+            "nsp_count": 2.0,
+        },
+    ]
+    aggregated = None
+    for logs in steps:
+        aggregated = task.aggregate_logs(aggregated, {k: np.float32(v) for k, v in logs.items()})
+    metrics = task.reduce_aggregated_logs(aggregated, global_step=7)
+    assert metrics["step"] == 7
+    assert metrics["loss"] == pytest.approx(2.0)
+    assert metrics["grad_norm"] == pytest.approx(2.0)
+    assert metrics["learning_rate"] == pytest.approx(0.2)
+    assert metrics["lm_example_loss"] == pytest.approx(12.0 / 6.0)
+    assert metrics["masked_lm_accuracy"] == pytest.approx(3.0 / 6.0)
+    assert metrics["next_sentence_loss"] == pytest.approx(3.0 / 4.0)
+    assert metrics["next_sentence_accuracy"] == pytest.approx(3.0 / 4.0)
+    assert "validation_loss" not in metrics
+
+
+def test_reduce_eval_sums_gives_validation_loss():
+    aggregated = task.aggregate_logs(
+        None, {"lm_loss_sum": 6.0, "lm_weight_sum": 3.0, "lm_correct_sum": 3.0}
+    )
+    metrics = task.reduce_aggregated_logs(aggregated, 5)
+    assert metrics["validation_loss"] == pytest.approx(2.0)
+    assert metrics["masked_lm_accuracy"] == pytest.approx(1.0)
+    assert "next_sentence_loss" not in metrics

@@ -1,0 +1,171 @@
+"""End-to-end tests of the driver: a short real run on the built-in corpus, resume, errors."""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from mlm import config as config_lib
+from mlm import fill_mask
+from mlm.errors import DataError, WorkdirError
+from mlm.train import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_STEPS = 40
+
+
+def tiny_config() -> ml_collections.ConfigDict:
+    config = config_lib.base_config()
+    config.model.update(
+        vocab_size=600,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+    )
+    config.data.update(seq_length=32, max_predictions_per_seq=5, use_next_sentence_label=False)
+    config.train.update(
+        global_batch_size=8,
+        num_steps=NUM_STEPS,
+        log_every=5,
+        eval_every=20,
+        eval_steps=3,
+        checkpoint_every=10,
+        keep_checkpoints=5,
+    )
+    config.optimizer.update(learning_rate=5e-3, warmup_steps=5)
+    return config
+
+
+def read_jsonl(path):
+    with open(path) as file:
+        return [json.loads(line) for line in file]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run") / "workdir")
+    results = train_and_evaluate(tiny_config(), workdir)
+    return workdir, results
+
+
+def test_short_run_learns_and_writes_its_files(trained):
+    workdir, results = trained
+    for name in ("config.json", "vocab.txt", "metrics.jsonl", "eval_metrics.jsonl"):
+        assert os.path.getsize(os.path.join(workdir, name)) > 0, name
+    assert glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["10", "20", "30", "40"]
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == list(range(5, NUM_STEPS + 1, 5))
+    for key in ("loss", "lm_example_loss", "masked_lm_accuracy", "learning_rate", "tokens_per_s"):
+        assert key in records[-1], key
+    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    evals = read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))
+    assert [r["step"] for r in evals] == [20, 40]
+    assert evals[-1]["validation_loss"] < evals[0]["validation_loss"]
+    assert evals[-1]["eval_examples"] == 3 * 8
+    assert results["eval"] == evals[-1]
+    with open(os.path.join(workdir, "config.json")) as file:
+        saved = json.load(file)
+    assert saved["model"]["hidden_size"] == 32
+
+
+def test_resume_continues_exactly_from_the_last_checkpoint(trained, tmp_path):
+    workdir, _ = trained
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    for step in ("30", "40"):
+        shutil.rmtree(os.path.join(resumed, "checkpoints", step))
+    train_and_evaluate(tiny_config(), resumed)
+    first = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    again = read_jsonl(os.path.join(resumed, "metrics.jsonl"))
+    assert [r["step"] for r in again] == [r["step"] for r in first] + [25, 30, 35, 40]
+    by_step = {r["step"]: r for r in first}
+    for record in again[len(first) :]:
+        for key in ("loss", "masked_lm_accuracy", "learning_rate"):
+            assert record[key] == by_step[record["step"]][key], (record["step"], key)
+
+
+def test_eval_mode_reproduces_the_final_eval(trained, tmp_path):
+    workdir, results = trained
+    copy = str(tmp_path / "copy")
+    shutil.copytree(workdir, copy)
+    again = train_and_evaluate(tiny_config(), copy, mode="eval")
+    assert again["eval"] == results["eval"]
+
+
+def test_changed_model_config_is_refused_and_checkpoints_kept(trained):
+    workdir, _ = trained
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    config = tiny_config()
+    config.model.hidden_size = 64
+    with pytest.raises(WorkdirError, match=r"model\.hidden_size=32.*has 64"):
+        train_and_evaluate(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_fill_mask_predicts_from_the_latest_checkpoint(trained):
+    workdir, _ = trained
+    predictor = fill_mask.load_predictor(workdir)
+    assert predictor.step == NUM_STEPS
+    predictions = fill_mask.fill_mask(predictor, "Return the [MASK] of the [MASK].", top_k=4)
+    assert len(predictions) == 2
+    for candidates in predictions:
+        probabilities = [p for _, p in candidates]
+        assert len(candidates) == 4
+        assert probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1.0 + 1e-6
+        assert all(not token.startswith("[") for token, _ in candidates)
+    with pytest.raises(DataError, match="no \\[MASK\\]"):
+        fill_mask.fill_mask(predictor, "Nothing to fill.")
+
+
+def test_unwritable_workdir_is_a_one_line_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(WorkdirError, match="not writable"):
+        train_and_evaluate(tiny_config(), str(blocker / "workdir"))
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_unknown_override_exits_2_with_one_line(tmp_path):
+    result = run_cli(
+        "mlm.train",
+        "--config",
+        "configs/quickstart.py",
+        f"--workdir={tmp_path}",
+        "--config.model.hiden_size=3",
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert "unknown config field 'model.hiden_size'" in lines[0]
+    assert "did you mean 'model.hidden_size'" in lines[0]
+
+
+def test_fill_mask_cli_prints_predictions(trained):
+    workdir, _ = trained
+    result = run_cli(
+        "mlm.fill_mask", "--workdir", workdir, "--text", "The [MASK] is empty.", "--top_k", "3"
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"checkpoint step {NUM_STEPS}"
+    assert lines[3] == "[MASK] 1:"
+    assert len(lines) == 7
+    missing = run_cli("mlm.fill_mask", "--workdir", "/nonexistent", "--text", "a [MASK]")
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("error: ")
