@@ -279,7 +279,13 @@ def load_config_file(path: str) -> ml_collections.ConfigDict:
         raise ConfigError(
             f"config file '{path}' defines no get_config(); see configs/quickstart.py"
         )
-    return module.get_config()
+    try:
+        return module.get_config()
+    except (TypeError, AttributeError, KeyError) as error:
+        # ml_collections refuses ill-typed assignments (TypeError) and, on locked configs,
+        # unknown fields (AttributeError); report them as one line.
+        reason = " ".join(str(error).split())
+        raise ConfigError(f"config file '{path}': {reason}; fix the field in the file") from error
 
 
 _OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")

@@ -107,3 +107,17 @@ def test_config_file_errors(tmp_path):
     empty.write_text("x = 1\n")
     with pytest.raises(ConfigError, match="no get_config"):
         config_lib.load_config_file(str(empty))
+
+
+def test_ill_typed_assignment_in_config_file_is_one_line(tmp_path):
+    path = tmp_path / "typo.py"
+    path.write_text(
+        "from mlm.config import base_config\n"
+        "def get_config():\n"
+        "    config = base_config()\n"
+        "    config.train.num_steps = 'many'\n"
+        "    return config\n"
+    )
+    with pytest.raises(ConfigError, match=r"typo\.py.*num_steps") as error:
+        config_lib.load_config_file(str(path))
+    assert "\n" not in str(error.value)
