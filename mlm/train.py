@@ -250,6 +250,8 @@ def train_and_evaluate(
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+    if inputs.eval is None and mode != "train" and jax.process_index() == 0:
+        print("no data.eval_files: evaluation is skipped", file=sys.stderr)
 
     def run_eval(step: int) -> None:
         if inputs.eval is None:
