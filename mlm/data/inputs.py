@@ -14,7 +14,8 @@ import shutil
 import grain
 import ml_collections
 
-from mlm.data.corpus import expand_globs, read_documents, write_builtin_corpus
+from mlm.data.builtin_corpus import write_builtin_corpus
+from mlm.data.corpus import expand_globs, read_documents
 from mlm.data.pipeline import build_dataset
 from mlm.data.tokenizer import Vocab, encode_documents, load_vocab, train_wordpiece
 from mlm.errors import ConfigError, DataError
