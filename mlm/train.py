@@ -271,6 +271,11 @@ def train_and_evaluate(
             return results
         start = int(state.step)
         last = config.train.num_steps
+        if start >= last and jax.process_index() == 0:
+            print(
+                f"checkpoint step {start} >= train.num_steps {last}: nothing to train",
+                file=sys.stderr,
+            )
         bar = progress_bar(start, last)
         logger = _TrainLogger(writer, config.train.log_every, last, bar)
         for step in range(start + 1, last + 1):

@@ -169,3 +169,19 @@ def test_fill_mask_cli_prints_predictions(trained):
     missing = run_cli("mlm.fill_mask", "--workdir", "/nonexistent", "--text", "a [MASK]")
     assert missing.returncode == 2
     assert missing.stderr.startswith("error: ")
+
+
+def test_next_sentence_run_in_bfloat16_logs_nsp_metrics(tmp_path):
+    config = tiny_config()
+    config.data.use_next_sentence_label = True
+    config.model.dtype = "bfloat16"
+    config.optimizer.name = "lamb"
+    config.train.update(num_steps=10, eval_every=0, checkpoint_every=10)
+    results = train_and_evaluate(config, str(tmp_path / "nsp"))
+    for metrics in (results["train"], results["eval"]):
+        assert 0.0 <= metrics["next_sentence_accuracy"] <= 1.0
+        assert metrics["next_sentence_loss"] > 0.0
+    assert results["eval"]["validation_loss"] == pytest.approx(
+        results["eval"]["lm_example_loss"] + results["eval"]["next_sentence_loss"]
+    )
+    assert results["train"]["step"] == 10
