@@ -17,8 +17,20 @@ import orbax.checkpoint as ocp
 
 from mlm.errors import WorkdirError
 
+CHECKPOINT_DIRNAME = "checkpoints"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+
+
+def checkpoint_dir(workdir: str) -> str:
+    """Returns the checkpoint directory of a workdir (`WORKDIR/checkpoints`)."""
+    return os.path.join(workdir, CHECKPOINT_DIRNAME)
+
+
+def has_checkpoint(workdir: str) -> bool:
+    """Whether the workdir holds a finished checkpoint step (orbax names those by step)."""
+    directory = checkpoint_dir(workdir)
+    return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))
 
 
 class IteratorSnapshot:

@@ -250,9 +250,9 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ConfigError: with a one-line message naming the field and the fix.
     """
     _check_schema(config)
+    schema = _leaves(base_config())
     for name, value in _leaves(config).items():
-        expected = type(_leaves(base_config())[name])
-        if expected is float and isinstance(value, int):
+        if type(schema[name]) is float and isinstance(value, int):
             section, field = name.split(".")
             with config.unlocked():
                 config[section][field] = float(value)

@@ -72,10 +72,9 @@ def load_predictor(workdir: str) -> Predictor:
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = checkpoint.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise WorkdirError(f"workdir '{workdir}' has no checkpoints yet; train first")
-    manager = checkpoint.make_manager(directory, keep=0)
+    if not checkpoint.has_checkpoint(workdir):
+        raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), keep=0)
     try:
         step = manager.latest_step()
         if step is None:

@@ -180,6 +180,14 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
     return sums
 
 
+def batch_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of `masked_lm_weights`, number of examples) of a batch: the loss denominators."""
+    return (
+        jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
+        jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32),
+    )
+
+
 def total_loss(
     sums: Mapping[str, jax.Array], lm_weight_total: jax.Array, nsp_total: jax.Array
 ) -> jax.Array:
@@ -216,8 +224,8 @@ def loss(
         the sum across all devices.
       rng: dropout key, or None for deterministic (eval) mode.
       model: the pretraining module.
-      totals: (masked-LM weight sum, example count) of the full global batch when `batch` is one
-        micro-batch of it; default: those of `batch`.
+      totals: `batch_totals` of the full global batch when `batch` is one micro-batch of it;
+        default: those of `batch`.
 
     Returns:
       (loss, metric sums).
@@ -227,10 +235,7 @@ def loss(
     outputs = model.apply({"params": params}, batch, deterministic=deterministic, rngs=rngs)
     sums = metric_sums(outputs, batch)
     if totals is None:
-        totals = (
-            jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
-            jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32),
-        )
+        totals = batch_totals(batch)
     return total_loss(sums, *totals), sums
 
 
@@ -252,31 +257,26 @@ def _gradients(
     params: Any, batch: Batch, rng: jax.Array, *, model: BertForPreTraining, grad_accum_steps: int
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """Loss, metric sums and gradients of the full batch, accumulated over micro-batches."""
-    totals = (
-        jnp.sum(batch["masked_lm_weights"].astype(jnp.float32)),
-        jnp.asarray(batch["next_sentence_labels"].shape[0], jnp.float32),
-    )
+    totals = batch_totals(batch)
     grad_fn = jax.value_and_grad(loss, has_aux=True)
     if grad_accum_steps == 1:
         (value, sums), grads = grad_fn(params, batch, rng, model=model, totals=totals)
         return value, sums, grads
 
-    def body(carry, micro):
+    micro_grad_fn = functools.partial(grad_fn, model=model, totals=totals)
+
+    def add_micro_batch(carry, micro):
         index, micro_batch = micro
-        (value, sums), grads = grad_fn(
-            params, micro_batch, jax.random.fold_in(rng, index), model=model, totals=totals
-        )
-        return jax.tree.map(jnp.add, carry, (value, sums, grads)), None
+        outputs = micro_grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, outputs), None
 
     micro = _micro_batches(batch, grad_accum_steps)
     first = jax.tree.map(lambda x: x[0], micro)
-    zeros = jax.tree.map(
-        jnp.zeros_like,
-        jax.eval_shape(lambda: grad_fn(params, first, rng, model=model, totals=totals)),
-    )
-    (value, sums), grads = zeros
-    (value, sums, grads), _ = jax.lax.scan(
-        body, (value, sums, grads), (jnp.arange(grad_accum_steps), micro)
+    shapes = jax.eval_shape(micro_grad_fn, params, first, rng)
+    ((value, sums), grads), _ = jax.lax.scan(
+        add_micro_batch,
+        jax.tree.map(jnp.zeros_like, shapes),
+        (jnp.arange(grad_accum_steps), micro),
     )
     return value, sums, grads
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from mlm import checkpoint, parallel, task
 from mlm import config as config_lib
+from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.errors import MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
@@ -51,10 +52,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"workdir '{workdir}' is not writable ({error.strerror}); pass a writable --workdir"
         ) from error
     path = os.path.join(workdir, "config.json")
-    has_checkpoints = os.path.isdir(os.path.join(workdir, "checkpoints")) and any(
-        name.isdigit() for name in os.listdir(os.path.join(workdir, "checkpoints"))
-    )
-    if os.path.exists(path) and has_checkpoints:
+    if os.path.exists(path) and checkpoint.has_checkpoint(workdir):
         with open(path) as file:
             previous = json.load(file)
         current = config.to_dict()
@@ -67,10 +65,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                         "--workdir or the same config"
                     )
     if jax.process_index() == 0:
-        tmp = path + ".tmp"
-        with open(tmp, "w") as file:
-            file.write(config_lib.to_json(config))
-        os.replace(tmp, path)
+        write_text_atomically(path, config_lib.to_json(config))
 
 
 class _TrainLogger:
@@ -231,12 +226,13 @@ def train_and_evaluate(
         config,
         workdir,
         need_train=mode != "eval",
+        need_eval=mode != "train",
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
     abstract, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
     manager = checkpoint.make_manager(
-        os.path.join(workdir, "checkpoints"), config.train.keep_checkpoints
+        checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
     )
     writer = MetricWriter(workdir)
     train_iter = iter(inputs.train) if inputs.train is not None else None

@@ -30,7 +30,7 @@ class Inputs:
     Attributes:
       train: batches for training (infinite, resumable), or None when not needed.
       eval: batches for evaluation (one pass, the same on every `iter()`), or None without eval
-        files.
+        files or when not needed.
       vocab: the vocabulary (also saved as WORKDIR/vocab.txt).
     """
 
@@ -105,6 +105,7 @@ def build_inputs(
     workdir: str,
     *,
     need_train: bool = True,
+    need_eval: bool = True,
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> Inputs:
@@ -114,6 +115,7 @@ def build_inputs(
       config: the full validated config.
       workdir: the run directory (vocab.txt, built-in corpus).
       need_train: build the train dataset (False for `--mode eval`).
+      need_eval: build the eval dataset when eval files exist (False for `--mode train`).
       shard_index: this process's index; each process reads a disjoint shard.
       shard_count: number of processes.
 
@@ -140,7 +142,7 @@ def build_inputs(
         train_docs = encode_documents(vocab, read_documents(train_files))
         train = build_dataset(train_docs, vocab, train=True, **options)
     evaluation = None
-    if eval_files:
+    if eval_files and need_eval:
         eval_docs = encode_documents(vocab, read_documents(eval_files))
         evaluation = build_dataset(eval_docs, vocab, train=False, **options)
     return Inputs(train=train, eval=evaluation, vocab=vocab)
