@@ -22,6 +22,10 @@ OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
 
 
+# The data fields that each select a data source; none set selects the built-in corpus.
+DATA_SOURCE_FIELDS = ("train_files", "prepared_dir", "tfds_name", "tfrecord_files")
+
+
 def base_config() -> ml_collections.ConfigDict:
     """Returns the full schema with BERT-base defaults; config files override fields of it.
 
@@ -46,10 +50,24 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.data = ml_collections.ConfigDict(
         dict(
+            # Where the data comes from: set at most one of train_files, prepared_dir, tfds_name
+            # and tfrecord_files; none: the built-in corpus (Python standard library docstrings).
             # Comma-separated globs of text files, one sentence per line, blank line between
-            # documents. Empty: the built-in corpus (Python standard library docstrings).
+            # documents.
             train_files="",
             eval_files="",
+            # The output directory of `python -m mlm.data.prepare` (token ids, its own vocab).
+            prepared_dir="",
+            # A TFDS dataset already prepared in tfds_data_dir (e.g. 'wikipedia/20230601.en'),
+            # its splits (tfds_eval_split empty: no evaluation) and the text feature.
+            tfds_name="",
+            tfds_split="train",
+            tfds_eval_split="",
+            tfds_data_dir="",
+            text_field="text",
+            # Comma-separated globs of Model Garden / BERT pretraining TFRecords (masked already).
+            tfrecord_files="",
+            eval_tfrecord_files="",
             # A BERT vocab.txt; empty: train a WordPiece vocab of model.vocab_size on train_files.
             vocab_file="",
             lowercase=True,
@@ -212,6 +230,21 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         "data.use_next_sentence_label needs model.type_vocab_size >= 2, got "
         f"{model.type_vocab_size}",
     )
+    sources = [name for name in DATA_SOURCE_FIELDS if data[name]]
+    if len(sources) > 1:
+        raise ConfigError(
+            f"data.{sources[0]} and data.{sources[1]} are both set; set one data source "
+            f"({', '.join(DATA_SOURCE_FIELDS)}), or none for the built-in corpus"
+        )
+    for source, eval_field in (
+        ("train_files", "eval_files"),
+        ("tfds_name", "tfds_eval_split"),
+        ("tfrecord_files", "eval_tfrecord_files"),
+    ):
+        _require(
+            not data[eval_field] or data[source],
+            f"data.{eval_field} is set but data.{source} is empty; set both (or neither)",
+        )
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
     for name in ("eval_every", "eval_steps", "keep_checkpoints"):

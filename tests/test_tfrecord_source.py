@@ -1,0 +1,82 @@
+"""Tests for mlm.data.tfrecord_source: random access to TFRecord files and damage detection."""
+
+import gzip
+import pickle
+from pathlib import Path
+
+import grain
+import pytest
+
+from mlm.data.tfrecord_source import TFRecordDataSource, index_records, masked_crc32c
+from mlm.errors import DataError
+
+
+def write_tfrecord(path, records):
+    import tensorflow as tf
+
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for record in records:
+            writer.write(record)
+    return str(path)
+
+
+RECORDS_A = [b"a%d" % i * (i + 1) for i in range(30)]
+RECORDS_B = [b"b%d" % i for i in range(7)] + [b""]
+
+
+@pytest.fixture
+def files(tmp_path):
+    return write_tfrecord(tmp_path / "a.tfrecord", RECORDS_A), write_tfrecord(
+        tmp_path / "b.tfrecord", RECORDS_B
+    )
+
+
+def test_checksums_match_tensorflows_writer(files):
+    data = Path(files[0]).read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    assert length == len(RECORDS_A[0])
+    assert masked_crc32c(data[:8]) == int.from_bytes(data[8:12], "little")
+    record = data[12 : 12 + length]
+    assert masked_crc32c(record) == int.from_bytes(data[12 + length : 16 + length], "little")
+
+
+def test_random_access_over_files_in_order(files):
+    source = TFRecordDataSource(files)
+    assert len(source) == len(RECORDS_A) + len(RECORDS_B)
+    assert source.records_per_file() == [len(RECORDS_A), len(RECORDS_B)]
+    expected = RECORDS_A + RECORDS_B
+    for index in (0, 5, 29, 30, 36, 37, 3):
+        assert source[index] == expected[index]
+    with pytest.raises(IndexError):
+        source[len(expected)]
+    copy = pickle.loads(pickle.dumps(source))
+    assert [copy[i] for i in range(len(copy))] == expected
+    shuffled = list(grain.MapDataset.source(source).shuffle(seed=1))
+    assert sorted(shuffled) == sorted(expected) and shuffled != expected
+
+
+def test_damage_is_a_data_error_naming_the_file(tmp_path, files):
+    data = bytearray(Path(files[0]).read_bytes())
+    truncated = tmp_path / "truncated.tfrecord"
+    truncated.write_bytes(bytes(data[:-3]))
+    with pytest.raises(DataError, match="truncated.tfrecord: truncated record"):
+        TFRecordDataSource([str(truncated)])
+    bad_header = bytearray(data)
+    bad_header[0] ^= 0xFF
+    (tmp_path / "header.tfrecord").write_bytes(bytes(bad_header))
+    with pytest.raises(DataError, match="header.tfrecord: corrupt record header at byte 0"):
+        index_records(str(tmp_path / "header.tfrecord"))
+    bad_data = bytearray(data)
+    bad_data[14] ^= 0x01  # Inside the first record's data.
+    (tmp_path / "data.tfrecord").write_bytes(bytes(bad_data))
+    source = TFRecordDataSource([str(tmp_path / "data.tfrecord")])
+    assert source[1] == RECORDS_A[1]
+    with pytest.raises(DataError, match="data.tfrecord: corrupt record at byte 0"):
+        source[0]
+    (tmp_path / "zipped.tfrecord").write_bytes(gzip.compress(bytes(data)))
+    with pytest.raises(DataError, match="zipped.tfrecord: is gzip-compressed"):
+        TFRecordDataSource([str(tmp_path / "zipped.tfrecord")])
+    with pytest.raises(DataError, match="missing.tfrecord: cannot read"):
+        TFRecordDataSource([str(tmp_path / "missing.tfrecord")])
+    with pytest.raises(DataError, match="no TFRecord files"):
+        TFRecordDataSource([])
