@@ -13,6 +13,7 @@ pairing, packing and masking on the fly); records are batched as they are.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 
 import grain
@@ -216,7 +217,17 @@ def _prepared_documents(config, workdir, need_train, need_eval):
     return vocab, train, evaluation
 
 
+def _require_module(module: str, field: str) -> None:
+    """Raises ConfigError naming the install command when an optional reader is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"{field} needs {module}, which is not installed; pip install 'mlm[tf]' "
+            "(tensorflow-cpu and tensorflow-datasets, used for reading only)"
+        )
+
+
 def _tfds_documents(config, workdir, need_train, need_eval):
+    _require_module("tensorflow_datasets", "data.tfds_name")
     from mlm.data.tfds_source import tfds_documents, write_vocab_sample
 
     data = config.data
@@ -246,6 +257,7 @@ def _tfds_documents(config, workdir, need_train, need_eval):
 
 def _record_inputs(config, workdir, need_train, need_eval, batching) -> Inputs:
     """Model Garden / BERT pretraining TFRecords: rows masked already, batched as they are."""
+    _require_module("tensorflow", "data.tfrecord_files")
     from mlm.data.pretraining_records import check_records_match, inspect_records, record_rows
     from mlm.data.tfrecord_source import TFRecordDataSource
 
