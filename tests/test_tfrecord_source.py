@@ -80,3 +80,10 @@ def test_damage_is_a_data_error_naming_the_file(tmp_path, files):
         TFRecordDataSource([str(tmp_path / "missing.tfrecord")])
     with pytest.raises(DataError, match="no TFRecord files"):
         TFRecordDataSource([])
+
+
+def test_threaded_reads_return_the_right_records(tmp_path):
+    records = [b"%06d" % i * (1 + i % 7) for i in range(5000)]
+    source = TFRecordDataSource([write_tfrecord(tmp_path / "many.tfrecord", records)])
+    # grain reads a MapDataset with a thread pool: reads must not share a file position.
+    assert list(grain.MapDataset.source(source).to_iter_dataset()) == records

@@ -271,6 +271,7 @@ def _record_inputs(config, workdir, need_train, need_eval, batching) -> Inputs:
             seq_length=data.seq_length,
             max_predictions=data.max_predictions_per_seq,
             files_desc=f"data.{field}",
+            use_next_sentence_label=data.use_next_sentence_label,
         )
         return record_rows(
             source,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Sequence
-from typing import BinaryIO
 
 import google_crc32c
 import numpy as np
@@ -109,7 +108,7 @@ class TFRecordDataSource:
         self._paths = list(paths)
         self._offsets = [index_records(path) for path in self._paths]
         self._starts = np.cumsum([0] + [len(offsets) for offsets in self._offsets])
-        self._files: dict[int, BinaryIO] = {}
+        self._files: dict[int, int] = {}
 
     @property
     def paths(self) -> list[str]:
@@ -132,13 +131,13 @@ class TFRecordDataSource:
 
     def _read(self, file_index: int, offset: int) -> bytes:
         path = self._paths[file_index]
-        file = self._files.get(file_index)
-        if file is None:
-            file = self._files[file_index] = open(path, "rb")  # noqa: SIM115 (kept open)
-        file.seek(offset)
-        length = _check_header(path, offset, file.read(_HEADER.size))
-        data = file.read(length)
-        footer = file.read(_FOOTER.size)
+        descriptor = self._files.get(file_index)
+        if descriptor is None:
+            descriptor = self._files[file_index] = os.open(path, os.O_RDONLY)
+        # pread never moves a shared file position: grain reads records from several threads.
+        length = _check_header(path, offset, os.pread(descriptor, _HEADER.size, offset))
+        body = os.pread(descriptor, length + _FOOTER.size, offset + _HEADER.size)
+        data, footer = body[:length], body[length:]
         if len(data) < length or len(footer) < _FOOTER.size:
             raise DataError(
                 f"{path}: truncated record at byte {offset}; the file changed since it was "
@@ -150,6 +149,10 @@ class TFRecordDataSource:
                 "regenerate the file"
             )
         return data
+
+    def __del__(self) -> None:
+        for descriptor in getattr(self, "_files", {}).values():
+            os.close(descriptor)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
