@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 
 from mlm import config as config_lib
@@ -185,3 +186,96 @@ def test_next_sentence_run_in_bfloat16_logs_nsp_metrics(tmp_path):
         results["eval"]["lm_example_loss"] + results["eval"]["next_sentence_loss"]
     )
     assert results["train"]["step"] == 10
+
+
+# ------------------------------------------------------------------ every data source resumes
+
+SOURCE_WORDS = "river stone light garden window paper music winter market city north bridge"
+
+
+def write_text_corpus(path, num_documents, seed):
+    rng = np.random.default_rng(seed)
+    words = SOURCE_WORDS.split()
+    documents = []
+    for _ in range(num_documents):
+        sentences = [
+            " ".join(rng.choice(words, rng.integers(3, 10))) + "."
+            for _ in range(rng.integers(2, 6))
+        ]
+        documents.append("\n".join(sentences))
+    path.write_text("\n\n".join(documents) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def source_configs(tmp_path_factory):
+    """{source: data overrides} for text files, prepared shards, TFRecords and TFDS."""
+    import tfds_testing
+
+    from mlm.data import create_pretraining_data, prepare
+    from mlm.data.tokenizer import load_vocab, train_wordpiece
+
+    root = tmp_path_factory.mktemp("sources")
+    train = write_text_corpus(root / "train.txt", 150, seed=0)
+    evaluation = write_text_corpus(root / "eval.txt", 30, seed=1)
+    vocab_path = train_wordpiece([train], 100, True, str(root / "vocab.txt"))
+    vocab = load_vocab(vocab_path, True)
+    prepare.prepare(
+        [train],
+        str(root / "prepared"),
+        eval_files=[evaluation],
+        vocab_file=vocab_path,
+        lowercase=True,
+        num_workers=1,
+        documents_per_shard=50,
+        progress=False,
+    )
+    records = {}
+    for split, text in (("train", train), ("eval", evaluation)):
+        records[split] = str(root / f"{split}.tfrecord")
+        create_pretraining_data.create_pretraining_data(
+            [text],
+            [records[split]],
+            vocab,
+            max_seq_length=32,
+            max_predictions_per_seq=5,
+            dupe_factor=2,
+        )
+    tfds_dir = tfds_testing.build_tiny_text(str(root / "tfds"), "tfrecord")
+    return {
+        "train_files": dict(train_files=train, eval_files=evaluation, vocab_file=vocab_path),
+        "prepared_dir": dict(prepared_dir=str(root / "prepared")),
+        "tfrecord_files": dict(
+            tfrecord_files=records["train"],
+            eval_tfrecord_files=records["eval"],
+            vocab_file=vocab_path,
+            use_next_sentence_label=True,
+        ),
+        "tfds_name": dict(
+            tfds_name=tfds_testing.NAME,
+            tfds_data_dir=tfds_dir,
+            tfds_eval_split="test",
+            vocab_file=vocab_path,
+        ),
+    }
+
+
+@pytest.mark.parametrize("source", ["train_files", "prepared_dir", "tfrecord_files", "tfds_name"])
+def test_every_data_source_trains_and_resumes_batch_exactly(source_configs, source, tmp_path):
+    config = tiny_config()
+    config.model.vocab_size = 128
+    config.data.update(**source_configs[source])
+    config.train.update(num_steps=8, log_every=1, eval_every=8, checkpoint_every=4)
+    workdir = str(tmp_path / "full")
+    results = train_and_evaluate(config, workdir)
+    assert results["train"]["step"] == 8 and results["eval"]["eval_examples"] in (8, 16, 24)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "8"))
+    again = train_and_evaluate(config, resumed)
+    first = {r["step"]: r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))}
+    second = {r["step"]: r for r in read_jsonl(os.path.join(resumed, "metrics.jsonl"))}
+    for step in range(5, 9):
+        for key in ("loss", "masked_lm_accuracy", "grad_norm"):
+            assert second[step][key] == first[step][key], (source, step, key)
+    assert again["eval"] == results["eval"]

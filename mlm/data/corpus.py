@@ -121,6 +121,9 @@ def write_text_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as file:
             file.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary_path, 0o666 & ~umask)  # mkstemp's 0600 would hide it from others.
         os.replace(temporary_path, path)
     except BaseException as error:
         if os.path.exists(temporary_path):
