@@ -279,3 +279,47 @@ def test_every_data_source_trains_and_resumes_batch_exactly(source_configs, sour
         for key in ("loss", "masked_lm_accuracy", "grad_norm"):
             assert second[step][key] == first[step][key], (source, step, key)
     assert again["eval"] == results["eval"]
+
+
+def test_damaged_data_fails_before_training_and_keeps_the_checkpoints(source_configs, tmp_path):
+    records = tmp_path / "train.tfrecord"
+    shutil.copyfile(source_configs["tfrecord_files"]["tfrecord_files"], records)
+    config = tiny_config()
+    config.model.vocab_size = 128
+    config.data.update(**{**source_configs["tfrecord_files"], "tfrecord_files": str(records)})
+    config.train.update(num_steps=6, eval_every=0, checkpoint_every=6)
+    workdir = str(tmp_path / "workdir")
+    train_and_evaluate(config, workdir)
+    saved = {
+        path: os.path.getmtime(path)
+        for path in glob.glob(os.path.join(workdir, "checkpoints", "**"), recursive=True)
+    }
+    data = bytearray(records.read_bytes())
+    data[30] ^= 0xFF  # Inside the first record.
+    records.write_bytes(bytes(data))
+    config.train.num_steps = 8
+    with pytest.raises(DataError, match=r"train.tfrecord: corrupt record at byte 0"):
+        train_and_evaluate(config, workdir)
+    after = {
+        path: os.path.getmtime(path)
+        for path in glob.glob(os.path.join(workdir, "checkpoints", "**"), recursive=True)
+    }
+    assert after == saved
+
+
+def test_cli_records_of_another_seq_length_exit_2_naming_both(source_configs, tmp_path):
+    data = source_configs["tfrecord_files"]
+    result = run_cli(
+        "mlm.train",
+        "--config",
+        "configs/quickstart.py",
+        f"--workdir={tmp_path}",
+        f"--config.data.tfrecord_files={data['tfrecord_files']}",
+        f"--config.data.vocab_file={data['vocab_file']}",
+    )
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: data.tfrecord_files: the records have seq_length 32 but ")
+    assert "data.seq_length is 128" in last
+    assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
