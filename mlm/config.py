@@ -77,6 +77,11 @@ def base_config() -> ml_collections.ConfigDict:
             whole_word_masking=False,
             use_next_sentence_label=True,
             short_seq_prob=0.1,
+            # Input worker processes (grain mp_prefetch); 0: the pipeline runs in the trainer.
+            # Two or more change which rows meet in a batch, so a run keeps its value.
+            num_workers=0,
+            # Batches a background thread keeps ready while the device computes; 0: none.
+            prefetch_batches=2,
         )
     )
     config.train = ml_collections.ConfigDict(
@@ -245,6 +250,8 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
             not data[eval_field] or data[source],
             f"data.{eval_field} is set but data.{source} is empty; set both (or neither)",
         )
+    for name in ("num_workers", "prefetch_batches"):
+        _require(data[name] >= 0, f"data.{name} must be >= 0, got {data[name]}")
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
     for name in ("eval_every", "eval_steps", "keep_checkpoints"):

@@ -23,13 +23,15 @@ from mlm import checkpoint, parallel, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
-from mlm.data.pipeline import first_batch
+from mlm.data.pipeline import first_batch, prefetch
 from mlm.errors import MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.optim import create_optimizer, learning_rate_schedule
 
-# Sections of config.json a resumed run must share with the run that wrote the checkpoints.
+# Sections of config.json a resumed run must share with the run that wrote the checkpoints,
+# except fields that change neither the model nor the batches.
 _FIXED_SECTIONS = ("model", "data")
+_FREE_FIELDS = ("data.prefetch_batches",)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -59,6 +61,8 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
         current = config.to_dict()
         for section in _FIXED_SECTIONS:
             for field, value in current[section].items():
+                if f"{section}.{field}" in _FREE_FIELDS:
+                    continue
                 if section in previous and previous[section].get(field, value) != value:
                     raise WorkdirError(
                         f"workdir '{workdir}' holds a run with {section}.{field}="
@@ -253,7 +257,11 @@ def train_and_evaluate(
         checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
     )
     writer = MetricWriter(workdir)
-    train_iter = iter(inputs.train) if inputs.train is not None else None
+    train_iter = None
+    if inputs.train is not None:
+        train_iter = iter(
+            prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
+        )
     latest = manager.latest_step()
     if latest is not None:
         target = checkpoint.abstract_with_shardings(abstract, shardings)

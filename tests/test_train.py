@@ -260,11 +260,17 @@ def source_configs(tmp_path_factory):
     }
 
 
-@pytest.mark.parametrize("source", ["train_files", "prepared_dir", "tfrecord_files", "tfds_name"])
-def test_every_data_source_trains_and_resumes_batch_exactly(source_configs, source, tmp_path):
+@pytest.mark.parametrize(
+    "source,workers",
+    [("train_files", 0), ("train_files", 2), ("prepared_dir", 0), ("tfrecord_files", 0)]
+    + [("tfds_name", 0)],
+)
+def test_every_data_source_trains_and_resumes_batch_exactly(
+    source_configs, source, workers, tmp_path
+):
     config = tiny_config()
     config.model.vocab_size = 128
-    config.data.update(**source_configs[source])
+    config.data.update(**source_configs[source], num_workers=workers)
     config.train.update(num_steps=8, log_every=1, eval_every=8, checkpoint_every=4)
     workdir = str(tmp_path / "full")
     results = train_and_evaluate(config, workdir)
@@ -323,3 +329,18 @@ def test_cli_records_of_another_seq_length_exit_2_naming_both(source_configs, tm
     assert "data.seq_length is 128" in last
     assert sum(line.startswith("error:") for line in result.stderr.splitlines()) == 1
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_worker_count_is_fixed_for_a_run_but_prefetch_is_not(source_configs, tmp_path):
+    config = tiny_config()
+    config.model.vocab_size = 128
+    config.data.update(**source_configs["train_files"])
+    config.train.update(num_steps=6, eval_every=0, checkpoint_every=6)
+    workdir = str(tmp_path / "workdir")
+    train_and_evaluate(config, workdir)
+    config.data.prefetch_batches = 0
+    config.train.num_steps = 7
+    assert train_and_evaluate(config, workdir)["train"]["step"] == 7
+    config.data.num_workers = 2
+    with pytest.raises(WorkdirError, match=r"data\.num_workers=0, this config has 2"):
+        train_and_evaluate(config, workdir)

@@ -31,8 +31,10 @@ from mlm.data.instances import (
 from mlm.data.masking import mask_sequence
 from mlm.errors import ConfigError, DataError
 
-# Rows the first-fit packer fills at once: 98% non-padding tokens on short documents at seq 128.
+# Rows the first-fit packer fills at once.
 NUM_PACKING_BINS = 128
+# Training chunks are shuffled in windows of this many before packing.
+CHUNK_SHUFFLE_WINDOW = 1024
 # In-memory data: read synchronously, no thread pool.
 _READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
 
@@ -143,6 +145,12 @@ def build_dataset(
         _Flatten(len(instances), shard_index, shard_count),
     )
     if not use_next_sentence_label:
+        if train:
+            # A long document's chunks arrive together: mix them with other documents' chunks,
+            # which also gives the packer short chunks to fill gaps with.
+            flat = grain.experimental.WindowShuffleIterDataset(
+                flat, window_size=CHUNK_SHUFFLE_WINDOW, seed=seed
+            )
         flat = pack_chunks(
             flat,
             seq_length,
@@ -189,6 +197,38 @@ def build_row_dataset(
     rows = _shard(rows, shard_index, shard_count)
     iterable = _epochs(rows, seed, train).to_iter_dataset(_READ_OPTIONS)
     return iterable.batch(batch_size, drop_remainder=True)
+
+
+def prefetch(
+    dataset: grain.IterDataset, num_workers: int = 0, prefetch_batches: int = 0
+) -> grain.IterDataset:
+    """Runs the pipeline in worker processes and / or keeps batches ready in a thread.
+
+    Args:
+      dataset: the batches.
+      num_workers: worker processes (`mp_prefetch`); each runs the whole pipeline on every
+        `num_workers`-th element of the shuffled stream and their batches are interleaved.
+        0: none. One worker yields the in-process batches; two or more yield other (still
+        deterministic) batches, since packing and batching then happen per worker.
+      prefetch_batches: batches a background thread keeps ready; 0: none. Either way the
+        iterator's get_state() / set_state() resume batch-exactly.
+
+    Returns:
+      The wrapped dataset (the same object when both are 0).
+    """
+    if num_workers:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18 reads an absl flag when it starts workers and raises outside
+            # `absl.app` (google/grain#1355, fixed after 0.2.18); the defaults are what we want.
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+    if prefetch_batches:
+        dataset = grain.experimental.ThreadPrefetchIterDataset(
+            dataset, prefetch_buffer_size=prefetch_batches
+        )
+    return dataset
 
 
 def first_batch(dataset: grain.IterDataset, what: str, batch_size: int) -> dict[str, np.ndarray]:

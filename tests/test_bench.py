@@ -1,0 +1,145 @@
+"""Tests for mlm.bench: input-pipeline records, the per-length config, and the command line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlm import bench
+from mlm import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEQ_LENGTHS = (32, 64)
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog.",
+    "a stitch in time saves nine stitches later.",
+    "every good boy does fine on the long test.",
+    "the rain in spain falls mainly on the plain.",
+    "she sells sea shells by the sea shore today.",
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A text file in the BERT layout: 60 documents of 4 sentences."""
+    lines = []
+    for index in range(60):
+        lines.extend(SENTENCES[(index + k) % len(SENTENCES)] for k in range(4))
+        lines.append("")
+    path = tmp_path_factory.mktemp("corpus") / "train.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def tiny_config(corpus: str, **data):
+    config = config_lib.base_config()
+    config.model.update(vocab_size=200, max_position_embeddings=32)
+    config.data.update(train_files=corpus, use_next_sentence_label=False)
+    config.data.update(**data)
+    config.train.update(global_batch_size=4)
+    return config
+
+
+@pytest.mark.parametrize("next_sentence", [False, True])
+def test_bench_input_gives_one_record_per_length(corpus, tmp_path, next_sentence):
+    config = tiny_config(corpus, use_next_sentence_label=next_sentence)
+    records = bench.bench_input(
+        config, str(tmp_path), seq_lengths=SEQ_LENGTHS, num_batches=3, warmup_batches=1
+    )
+    assert [r["seq_length"] for r in records] == list(SEQ_LENGTHS)
+    assert [r["max_predictions_per_seq"] for r in records] == [5, 10]  # round(0.15 * S)
+    assert [r["vocab_built"] for r in records] == [True, False]  # the workdir is reused
+    for record in records:
+        assert record["source"] == "data.train_files"
+        assert record["next_sentence"] is next_sentence
+        assert record["batch_size"] == 4
+        assert record["setup_s"] > 0 and record["ms_per_batch"] > 0
+        assert record["cpu_ms_per_batch"] >= 0
+        assert record["examples_per_s"] > 0 and record["real_tokens_per_s"] > 0
+        expected = record["examples_per_s"] * record["seq_length"]
+        assert record["tokens_per_s"] == pytest.approx(expected, rel=1e-9)
+        assert 0 < record["real_token_fraction"] <= 1
+        assert record["real_tokens_per_s"] == pytest.approx(
+            record["tokens_per_s"] * record["real_token_fraction"], rel=1e-9
+        )
+        assert 0 < record["masked_per_example"] <= record["max_predictions_per_seq"]
+        assert record["vocab_size"] <= 200
+    assert config.data.seq_length == 128  # the caller's config is left alone
+    table = bench.format_table(records)
+    assert "examples/s" in table and len(table.splitlines()) == 2 + len(SEQ_LENGTHS)
+
+
+def test_bench_input_without_lengths_uses_the_config(corpus, tmp_path):
+    config = tiny_config(corpus, seq_length=32, max_predictions_per_seq=3)
+    (record,) = bench.bench_input(config, str(tmp_path), num_batches=2, warmup_batches=0)
+    assert (record["seq_length"], record["max_predictions_per_seq"]) == (32, 3)
+
+
+def test_bench_input_with_worker_processes(corpus, tmp_path):
+    config = tiny_config(corpus, num_workers=2, prefetch_batches=1)
+    (record,) = bench.bench_input(
+        config, str(tmp_path), seq_lengths=(32,), num_batches=3, warmup_batches=2
+    )
+    assert record["num_workers"] == 2 and record["thread_prefetch"] == 1
+    assert record["examples_per_s"] > 0
+
+
+def test_bert_max_predictions_and_positions():
+    assert bench.max_predictions_for(128, 0.15) == 20
+    assert bench.max_predictions_for(512, 0.15) == 76
+    assert bench.max_predictions_for(256, 0.15) == 38
+    config = bench.config_for_seq_length(config_lib.base_config(), 1024)
+    assert config.model.max_position_embeddings == 1024
+    assert config.data.max_predictions_per_seq == 154
+
+
+def test_bad_arguments_are_config_errors(corpus, tmp_path):
+    with pytest.raises(config_lib.ConfigError, match="--num_batches"):
+        bench.bench_input(tiny_config(corpus), str(tmp_path), num_batches=0)
+
+
+def run_cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "mlm.bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cli_prints_the_table_and_writes_json_lines(corpus, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    result = run_cli(
+        "--input-only",
+        "--seq_lengths=32,64",
+        "--num_batches=2",
+        "--warmup_batches=1",
+        f"--workdir={tmp_path / 'work'}",
+        f"--json_out={out}",
+        f"--config.data.train_files={corpus}",
+        "--config.model.vocab_size=200",
+        "--config.train.global_batch_size=4",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "data.train_files, NSP on" in result.stdout
+    assert "real tokens/s" in result.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["seq_length"] for r in records] == [32, 64]
+    assert all(r["examples_per_s"] > 0 for r in records)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input-only", "--config.data.seq_lenght=64"], "did you mean"),
+        (["--config", "configs/quickstart.py"], "--input-only"),
+    ],
+)
+def test_cli_mistakes_exit_2_with_one_line(args, message):
+    result = run_cli(*args)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
