@@ -1,6 +1,9 @@
-"""Benchmarks: the host input pipeline alone (`--input-only`); model step benchmarks come later.
+"""Benchmarks: the host input pipeline alone (`--input-only`) and the train state's memory per
+device on a mesh (`--state-memory`); model step benchmarks come later.
 
 Run:
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mlm.bench --state-memory \
+      --config configs/bert_large.py --config.mesh.fsdp=8
   python -m mlm.bench --input-only --seq_lengths 128,512 [--config configs/NAME.py] \
       [--config.data.use_next_sentence_label=False ...] [--num_batches 50] [--warmup_batches 5] \
       [--config.data.num_workers=2] [--config.data.prefetch_batches=0] [--workdir DIR] \
@@ -262,6 +265,43 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join([header, *lines])
 
 
+def bench_state_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Creates the train state sharded on the configured mesh and measures its bytes per device.
+
+    The state is created already sharded (init jitted with the state's out_shardings), as
+    training creates it, and the bytes are summed from the arrays' addressable shards.
+
+    Args:
+      config: a config whose `model`, `optimizer` and `mesh` are measured.
+
+    Returns:
+      `mesh` (axis sizes), `num_devices`, `state_bytes` (the unsharded state: every array once),
+      `max_device_bytes` and `min_device_bytes` (what the shardings put on one device), and
+      `fraction` (max_device_bytes / state_bytes).
+    """
+    from mlm import parallel, task
+    from mlm.optim import create_optimizer
+
+    config = config_lib.validate(copy.deepcopy(config))
+    mesh = parallel.make_mesh(config.mesh)
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    per_device = parallel.state_bytes_per_device(state)
+    state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+    return dict(
+        mesh=dict(mesh.shape),
+        num_devices=mesh.size,
+        state_bytes=state_bytes,
+        max_device_bytes=max(per_device.values()),
+        min_device_bytes=min(per_device.values()),
+        fraction=max(per_device.values()) / state_bytes,
+    )
+
+
 def write_json_lines(path: str, records: Sequence[dict[str, Any]]) -> None:
     """Appends one JSON line per record to `path` (so several runs can share one file)."""
     with open(path, "a", encoding="utf-8") as file:
@@ -297,6 +337,9 @@ def run() -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     input_only = flags.DEFINE_bool("input-only", False, "Measure the input pipeline alone.")
+    state_memory = flags.DEFINE_bool(
+        "state-memory", False, "Measure the train state's bytes per device on config.mesh."
+    )
     seq_lengths = flags.DEFINE_list("seq_lengths", [], "Sequence lengths; empty: the config's.")
     num_batches = flags.DEFINE_integer("num_batches", 50, "Timed batches per sequence length.")
     warmup_batches = flags.DEFINE_integer("warmup_batches", 5, "Untimed batches read first.")
@@ -307,8 +350,23 @@ def run() -> None:
         del argv
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        if state_memory.value:
+            record = bench_state_memory(config_flag.value)
+            gib = 2**30
+            print(
+                f"mesh {record['mesh']}: state {record['state_bytes'] / gib:.3f} GiB, per device "
+                f"{record['max_device_bytes'] / gib:.3f} GiB (max) / "
+                f"{record['min_device_bytes'] / gib:.3f} GiB (min) = "
+                f"{record['fraction']:.4f} of the state"
+            )
+            if json_out.value:
+                write_json_lines(json_out.value, [record])
+            return
         if not input_only.value:
-            raise ConfigError("only the input pipeline can be measured so far; pass --input-only")
+            raise ConfigError(
+                "pick a benchmark: --input-only (input pipeline) or --state-memory (state bytes "
+                "per device); model step benchmarks come later"
+            )
         with tempfile.TemporaryDirectory(prefix="mlm_bench_") as scratch:
             records = bench_input(
                 config_flag.value,

@@ -30,7 +30,7 @@ def base_config() -> ml_collections.ConfigDict:
     """Returns the full schema with BERT-base defaults; config files override fields of it.
 
     Returns:
-      An unlocked ConfigDict with sections `model`, `data`, `train` and `optimizer`.
+      An unlocked ConfigDict with sections `model`, `data`, `train`, `mesh` and `optimizer`.
     """
     config = ml_collections.ConfigDict()
 
@@ -82,6 +82,11 @@ def base_config() -> ml_collections.ConfigDict:
             num_workers=0,
             # Batches a background thread keeps ready while the device computes; 0: none.
             prefetch_batches=2,
+            # Input shards: each global batch is the concatenation, in order, of one part per
+            # shard, and the processes split the shards between them. 0: one per process. Fix
+            # it (to a multiple of every process count) for batches that do not depend on the
+            # number of hosts.
+            input_shards=0,
         )
     )
     config.train = ml_collections.ConfigDict(
@@ -94,6 +99,16 @@ def base_config() -> ml_collections.ConfigDict:
             checkpoint_every=10_000,
             keep_checkpoints=3,
             seed=42,
+        )
+    )
+    config.mesh = ml_collections.ConfigDict(
+        dict(
+            # Devices on each mesh axis; -1: all remaining devices. The batch is split over both
+            # axes; large parameters and their optimizer state are split over `fsdp`.
+            data=-1,
+            fsdp=1,
+            # Arrays with fewer elements than this stay replicated under FSDP.
+            fsdp_min_size=2**16,
         )
     )
     config.optimizer = ml_collections.ConfigDict(
@@ -250,7 +265,18 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
             not data[eval_field] or data[source],
             f"data.{eval_field} is set but data.{source} is empty; set both (or neither)",
         )
-    for name in ("num_workers", "prefetch_batches"):
+    for name in ("data", "fsdp"):
+        size = config.mesh[name]
+        _require(
+            size == -1 or size >= 1,
+            f"mesh.{name} must be >= 1 or -1 (all remaining devices), got {size}",
+        )
+    _require(
+        config.mesh.data != -1 or config.mesh.fsdp != -1,
+        "mesh.data and mesh.fsdp are both -1; set one of them to a size",
+    )
+    _require(config.mesh.fsdp_min_size >= 0, "mesh.fsdp_min_size must be >= 0")
+    for name in ("num_workers", "prefetch_batches", "input_shards"):
         _require(data[name] >= 0, f"data.{name} must be >= 0, got {data[name]}")
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
@@ -368,5 +394,25 @@ def to_json(config: ml_collections.ConfigDict) -> str:
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:
-    """Reads a config written by `to_json`, validating it against the current schema."""
-    return validate(ml_collections.ConfigDict(json.loads(text)))
+    """Reads a config written by `to_json`, validating it against the current schema.
+
+    Fields added to the schema after the file was written take their defaults.
+    """
+    config = base_config()
+    for section, fields in json.loads(text).items():
+        if not isinstance(fields, dict) or section not in config:
+            config[section] = fields  # Reported by validate() as an unknown field.
+            continue
+        for field, value in fields.items():
+            if field in config[section] and isinstance(config[section][field], float):
+                value = float(value) if isinstance(value, int) else value
+            try:
+                with config.unlocked():
+                    config[section][field] = value
+            except TypeError:
+                expected = type(config[section][field]).__name__
+                raise ConfigError(
+                    f"config field '{section}.{field}' must be {expected}, got {value!r}; fix "
+                    "config.json"
+                ) from None
+    return validate(config)

@@ -198,7 +198,7 @@ def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     init_fn = task.state_initializer(config, model, tx)
     abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
     replicated = parallel.replicated_sharding(mesh)
-    shardings = jax.tree.map(lambda _: replicated, abstract)
+    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
     batch_sharding = parallel.batch_sharding(mesh)
     train_fn = jax.jit(
         functools.partial(
@@ -239,7 +239,7 @@ def train_and_evaluate(
         )
     config = config_lib.validate(config)
     prepare_workdir(config, workdir)
-    mesh = parallel.make_mesh()
+    mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(
         config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
     )

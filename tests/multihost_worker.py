@@ -1,17 +1,16 @@
-"""One process of a 2-process CPU run on 127.0.0.1 (started by tests/test_parallel.py).
+"""One process of a CPU run on 127.0.0.1 (started by tests/test_parallel.py).
 
-Usage: python multihost_worker.py MODE PORT PROCESS_ID CONFIG_JSON WORKDIR OUT_JSON
+Usage: python multihost_worker.py MODE NUM_PROCESSES DEVICES PORT PROCESS_ID CONFIG WORKDIR OUT
 MODE `inputs`: reports this process's eval chunks and the global sum of a train batch.
 MODE `train`: runs `train_and_evaluate` and reports its results.
+NUM_PROCESSES > 1 joins a `jax.distributed` run; DEVICES is the CPU devices of this process.
 """
 
 import json
 import os
 import sys
 
-# Devices per process: MODE `inputs` uses 1 (a global batch of 2 rows), `train` 2.
-DEVICES = 1 if sys.argv[1] == "inputs" else 2
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={DEVICES}"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={sys.argv[3]}"
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -60,10 +59,13 @@ def report_inputs(config, workdir):
 
 
 def main():
-    mode, port, process_id, config_json, workdir, out = sys.argv[1:]
-    jax.distributed.initialize(
-        coordinator_address=f"127.0.0.1:{port}", num_processes=2, process_id=int(process_id)
-    )
+    mode, num_processes, _, port, process_id, config_json, workdir, out = sys.argv[1:]
+    if int(num_processes) > 1:
+        jax.distributed.initialize(
+            coordinator_address=f"127.0.0.1:{port}",
+            num_processes=int(num_processes),
+            process_id=int(process_id),
+        )
     with open(config_json) as file:
         config = config_lib.from_json(file.read())
     if mode == "inputs":
@@ -74,7 +76,8 @@ def main():
         result = train_and_evaluate(config, workdir)
     with open(out, "w") as file:
         json.dump(result, file)
-    jax.distributed.shutdown()
+    if int(num_processes) > 1:
+        jax.distributed.shutdown()
 
 
 if __name__ == "__main__":

@@ -143,3 +143,29 @@ def test_cli_mistakes_exit_2_with_one_line(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_state_memory_is_split_by_fsdp(tmp_path):
+    out = tmp_path / "memory.jsonl"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    records = {}
+    for fsdp in (1, 8):
+        result = subprocess.run(
+            [sys.executable, "-m", "mlm.bench", "--state-memory"]
+            + ["--config", "configs/bert_tiny.py", f"--config.mesh.fsdp={fsdp}"]
+            + ["--config.mesh.fsdp_min_size=1024"]
+            + [f"--json_out={out}"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        records[fsdp] = json.loads(out.read_text().splitlines()[-1])
+    assert records[1]["mesh"] == {"data": 8, "fsdp": 1}
+    assert records[1]["max_device_bytes"] == records[1]["state_bytes"]  # Replicated.
+    assert records[8]["state_bytes"] == records[1]["state_bytes"]
+    # Everything but small arrays (biases, LayerNorm; the 30522-wide output bias, which 8 does
+    # not divide) is split 8 ways.
+    assert 1 / 8 <= records[8]["fraction"] < 0.135

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mlm import config as config_lib
-from mlm.data.inputs import build_inputs, corpus_files
+from mlm.data.inputs import build_inputs, corpus_files, input_shards
 from mlm.errors import ConfigError, DataError
 
 SENTENCES = [
@@ -113,3 +113,28 @@ def test_missing_vocab_file_is_named(tmp_path):
     config = small_config(train_files=train, vocab_file=str(tmp_path / "missing.txt"))
     with pytest.raises(DataError, match="missing.txt"):
         build_inputs(config, str(tmp_path))
+
+
+def test_fixed_input_shards_give_the_same_global_batches_for_any_process_count(tmp_path):
+    train = write_corpus(tmp_path / "train.txt", 40)
+    config = small_config(train_files=train, input_shards=2)
+    workdir = tmp_path / "workdir"
+    workdir.mkdir()
+    one_process = next(iter(build_inputs(config, str(workdir)).train))
+    parts = [
+        next(iter(build_inputs(config, str(workdir), shard_index=i, shard_count=2).train))
+        for i in range(2)
+    ]
+    assert one_process["input_word_ids"].shape == (4, 32)
+    assert parts[0]["input_word_ids"].shape == (2, 32)
+    for key, value in one_process.items():
+        np.testing.assert_array_equal(value, np.concatenate([p[key] for p in parts]), key)
+
+
+@pytest.mark.parametrize(
+    "shards,processes,batch,message",
+    [(3, 2, 6, "multiple of the 2 processes"), (4, 1, 6, r"divisible by data.input_shards \(4\)")],
+)
+def test_input_shards_must_split_evenly(shards, processes, batch, message):
+    with pytest.raises(ConfigError, match=message):
+        input_shards(shards, batch, 0, processes)

@@ -114,16 +114,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_two_processes(mode, config, workdir, tmp_path):
-    """Runs the worker as processes 0 and 1; returns their JSON reports."""
-    config_path = tmp_path / f"{mode}_config.json"
+def run_processes(mode, config, workdir, tmp_path, num_processes=2, devices=2, name=""):
+    """Runs the worker as processes 0..N-1; returns their JSON reports."""
+    name = name or mode
+    config_path = tmp_path / f"{name}_config.json"
     config_path.write_text(config_lib.to_json(config))
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    outputs = [tmp_path / f"{mode}_{i}.json" for i in range(2)]
+    outputs = [tmp_path / f"{name}_{i}.json" for i in range(num_processes)]
+    count = [str(num_processes), str(devices), port]
     processes = [
         subprocess.Popen(
-            [sys.executable, WORKER, mode, port, str(i), str(config_path), workdir, str(out)],
+            [sys.executable, WORKER, mode, *count, str(i), str(config_path), workdir, str(out)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -140,7 +142,7 @@ def run_two_processes(mode, config, workdir, tmp_path):
 def test_two_processes_read_disjoint_shards_that_cover_the_data(corpus, tmp_path):
     # Global batch 2: one row per process, so one eval pass drops nothing.
     config = tiny_config(corpus, global_batch_size=2)
-    reports = run_two_processes("inputs", config, str(tmp_path / "workdir"), tmp_path)
+    reports = run_processes("inputs", config, str(tmp_path / "workdir"), tmp_path, devices=1)
     vocab = load_vocab(corpus[2], lowercase=True)
     docs = encode_documents(vocab, read_documents([corpus[1]]))
     expected = Counter(
@@ -160,14 +162,14 @@ def test_two_processes_read_disjoint_shards_that_cover_the_data(corpus, tmp_path
 def test_two_process_training_resumes_batch_exactly(corpus, tmp_path):
     config = tiny_config(corpus)
     workdir = str(tmp_path / "full")
-    reports = run_two_processes("train", config, workdir, tmp_path)
+    reports = run_processes("train", config, workdir, tmp_path, name="full")
     assert reports[0]["train"]["step"] == 6
     assert reports[0]["train"]["loss"] == reports[1]["train"]["loss"]  # One global step.
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     resumed = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
-    again = run_two_processes("train", config, resumed, tmp_path)
+    again = run_processes("train", config, resumed, tmp_path, name="resumed")
 
     def by_step(directory):
         with open(os.path.join(directory, "metrics.jsonl")) as file:
@@ -178,3 +180,32 @@ def test_two_process_training_resumes_batch_exactly(corpus, tmp_path):
         for key in ("loss", "masked_lm_accuracy", "grad_norm"):
             assert second[step][key] == first[step][key], (step, key)
     assert again[0]["eval"] == reports[0]["eval"]
+
+
+# ----------------------------------------------------------- the same numbers on any layout
+
+EQUIVALENT_LAYOUTS = {
+    # name: (processes, devices per process, mesh.data, mesh.fsdp)
+    "1 device": (1, 1, -1, 1),
+    "8 devices, data=8": (1, 8, 8, 1),
+    "8 devices, data=2 x fsdp=4": (1, 8, 2, 4),
+    "2 processes x 2 devices": (2, 2, -1, 1),
+}
+
+
+def test_every_layout_logs_the_same_losses(corpus, tmp_path):
+    losses = {}
+    for name, (processes, devices, data, fsdp) in EQUIVALENT_LAYOUTS.items():
+        config = tiny_config(corpus, global_batch_size=8, checkpoint_every=6)
+        with config.unlocked():
+            config.mesh.update(data=data, fsdp=fsdp, fsdp_min_size=256)
+            config.data.input_shards = 2  # The same global batches for 1 or 2 processes.
+        workdir = str(tmp_path / name.replace(" ", "_"))
+        slug = name.replace(" ", "_").replace(",", "").replace("=", "")
+        run_processes("train", config, workdir, tmp_path, processes, devices, name=slug)
+        with open(os.path.join(workdir, "metrics.jsonl")) as file:
+            losses[name] = [json.loads(line)["loss"] for line in file]
+    reference = np.asarray(losses["1 device"])
+    assert len(reference) == 6
+    for name, values in losses.items():
+        np.testing.assert_allclose(values, reference, rtol=1e-5, err_msg=name)

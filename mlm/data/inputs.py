@@ -15,9 +15,11 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+from collections.abc import Callable
 
 import grain
 import ml_collections
+import numpy as np
 
 from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
@@ -151,14 +153,11 @@ def build_inputs(
     """
     data = config.data
     source = data_source(data)
-    batching = dict(
-        batch_size=config.train.global_batch_size // shard_count,
-        seed=config.train.seed,
-        shard_index=shard_index,
-        shard_count=shard_count,
+    shards = input_shards(
+        data.input_shards, config.train.global_batch_size, shard_index, shard_count
     )
     if source == "tfrecord_files":
-        return _record_inputs(config, workdir, need_train, need_eval, batching)
+        return _record_inputs(config, workdir, need_train, need_eval, shards)
     options = dict(
         seq_length=data.seq_length,
         max_predictions=data.max_predictions_per_seq,
@@ -166,7 +165,7 @@ def build_inputs(
         whole_word_masking=data.whole_word_masking,
         use_next_sentence_label=data.use_next_sentence_label,
         short_seq_prob=data.short_seq_prob,
-        **batching,
+        seed=config.train.seed,
     )
     documents = {
         "builtin": _text_documents,
@@ -175,9 +174,93 @@ def build_inputs(
         "tfds_name": _tfds_documents,
     }[source]
     vocab, train_docs, eval_docs = documents(config, workdir, need_train, need_eval)
-    train = build_dataset(train_docs, vocab, train=True, **options) if train_docs else None
-    evaluation = build_dataset(eval_docs, vocab, train=False, **options) if eval_docs else None
-    return Inputs(train=train, eval=evaluation, vocab=vocab, source=f"data.{source}")
+
+    def dataset(docs, train):
+        if docs is None:
+            return None
+        return shards.combine(
+            lambda **part: build_dataset(docs, vocab, train=train, **options, **part)
+        )
+
+    return Inputs(
+        train=dataset(train_docs, True),
+        eval=dataset(eval_docs, False),
+        vocab=vocab,
+        source=f"data.{source}",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShards:
+    """The input shards one process reads, and how many there are in all.
+
+    Attributes:
+      indices: this process's shards, in order.
+      count: the number of shards over all processes.
+      batch_size: rows each shard contributes to a global batch.
+    """
+
+    indices: tuple[int, ...]
+    count: int
+    batch_size: int
+
+    def combine(self, build: Callable[..., grain.IterDataset]) -> grain.IterDataset:
+        """Builds one dataset per shard and concatenates their batches in shard order.
+
+        Args:
+          build: called with `batch_size`, `shard_index` and `shard_count`.
+
+        Returns:
+          This process's dataset of local batches.
+        """
+        parts = [
+            build(batch_size=self.batch_size, shard_index=index, shard_count=self.count)
+            for index in self.indices
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        return grain.experimental.ZipIterDataset(parts, strict=False).map(_concatenate_batches)
+
+
+def _concatenate_batches(batches: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
+    return {key: np.concatenate([batch[key] for batch in batches]) for key in batches[0]}
+
+
+def input_shards(
+    num_shards: int, global_batch_size: int, process_index: int, process_count: int
+) -> InputShards:
+    """Splits `num_shards` input shards (0: one per process) between the processes.
+
+    Args:
+      num_shards: `data.input_shards`.
+      global_batch_size: rows of a global batch.
+      process_index: this process.
+      process_count: all processes.
+
+    Returns:
+      This process's shards.
+
+    Raises:
+      ConfigError: the shards cannot be split evenly between processes or batch rows.
+    """
+    count = num_shards or process_count
+    if count % process_count:
+        raise ConfigError(
+            f"data.input_shards={count} must be a multiple of the {process_count} processes; "
+            "set it to a multiple (or 0: one per process)"
+        )
+    if global_batch_size % count:
+        raise ConfigError(
+            f"train.global_batch_size ({global_batch_size}) must be divisible by "
+            f"data.input_shards ({count}); change one of them"
+        )
+    per_process = count // process_count
+    first = process_index * per_process
+    return InputShards(
+        indices=tuple(range(first, first + per_process)),
+        count=count,
+        batch_size=global_batch_size // count,
+    )
 
 
 # Each returns (vocab, train documents or None, eval documents or None).
@@ -255,7 +338,7 @@ def _tfds_documents(config, workdir, need_train, need_eval):
     return vocab, train, evaluation
 
 
-def _record_inputs(config, workdir, need_train, need_eval, batching) -> Inputs:
+def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) -> Inputs:
     """Model Garden / BERT pretraining TFRecords: rows masked already, batched as they are."""
     _require_module("tensorflow", "data.tfrecord_files")
     from mlm.data.pretraining_records import check_records_match, inspect_records, record_rows
@@ -282,8 +365,14 @@ def _record_inputs(config, workdir, need_train, need_eval, batching) -> Inputs:
 
     train = None
     if need_train:
-        train = build_row_dataset(rows("tfrecord_files"), train=True, **batching)
+        train_rows = rows("tfrecord_files")
+        train = shards.combine(
+            lambda **part: build_row_dataset(train_rows, train=True, seed=config.train.seed, **part)
+        )
     evaluation = None
     if need_eval and data.eval_tfrecord_files:
-        evaluation = build_row_dataset(rows("eval_tfrecord_files"), train=False, **batching)
+        eval_rows = rows("eval_tfrecord_files")
+        evaluation = shards.combine(
+            lambda **part: build_row_dataset(eval_rows, train=False, seed=config.train.seed, **part)
+        )
     return Inputs(train=train, eval=evaluation, vocab=vocab, source="data.tfrecord_files")
