@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, parallel, task
+from mlm import checkpoint, distributed, parallel, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
@@ -342,6 +342,7 @@ def run() -> None:
         if not flags.FLAGS["verbosity"].present:
             # Orbax logs every save step at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
+        distributed.initialize_from_environment()  # Multi-host: from the launcher's variables.
         train_and_evaluate(config_flag.value, workdir_flag.value, mode_flag.value)
 
     try:

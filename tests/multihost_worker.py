@@ -16,7 +16,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlm import config as config_lib  # noqa: E402
-from mlm import parallel  # noqa: E402
+from mlm import distributed, parallel  # noqa: E402
 
 
 def report_inputs(config, workdir):
@@ -61,11 +61,13 @@ def report_inputs(config, workdir):
 def main():
     mode, num_processes, _, port, process_id, config_json, workdir, out = sys.argv[1:]
     if int(num_processes) > 1:
-        jax.distributed.initialize(
-            coordinator_address=f"127.0.0.1:{port}",
-            num_processes=int(num_processes),
-            process_id=int(process_id),
+        # What launch/local.sh sets; mlm.train's command line makes the same call.
+        os.environ.update(
+            MLM_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            MLM_NUM_PROCESSES=num_processes,
+            MLM_PROCESS_ID=process_id,
         )
+        distributed.initialize_from_environment()
     with open(config_json) as file:
         config = config_lib.from_json(file.read())
     if mode == "inputs":
