@@ -44,6 +44,12 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     Raises:
       WorkdirError: unwritable, or it holds checkpoints of a run with different model/data fields.
     """
+    if "://" in workdir:
+        raise WorkdirError(
+            f"workdir '{workdir}' is a URL; mlm.train writes its workdir through the local "
+            "filesystem: mount the bucket (e.g. gcsfuse, as launch/tpu_vm.sh does) and pass the "
+            "mounted path"
+        )
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_test_{jax.process_index()}")

@@ -134,6 +134,8 @@ def test_unwritable_workdir_is_a_one_line_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(WorkdirError, match="not writable"):
         train_and_evaluate(tiny_config(), str(blocker / "workdir"))
+    with pytest.raises(WorkdirError, match="'gs://bucket/run' is a URL; .* mounted path"):
+        train_and_evaluate(tiny_config(), "gs://bucket/run")
 
 
 def run_cli(*args):
