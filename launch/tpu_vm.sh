@@ -14,8 +14,11 @@
 # (v4-32, v5litepod-16, v6e-8, ...), RUNTIME_VERSION (default by TPU generation), CONFIG (a file
 # inside this repository), WORKDIR, PROJECT, SPOT=1, KEEP=1. Arguments the script does not know
 # (and all after --) go to mlm.train. A slice with more than one host (a size above 8) needs a
-# gs:// WORKDIR: every worker writes checkpoints to the same place. PIP_PACKAGES (default
-# "jax[tpu]") is installed with the package. Needs gcloud, authenticated.
+# gs:// WORKDIR: every worker writes checkpoints to the same place. mlm.train writes its workdir
+# through the local filesystem, so a gs://BUCKET/DIR WORKDIR is mounted with Cloud Storage FUSE
+# (gcsfuse, installed if missing) at ~/gcs/BUCKET on every worker and training gets
+# --workdir ~/gcs/BUCKET/DIR; the VM's service account needs read and write access to the bucket.
+# PIP_PACKAGES (default "jax[tpu]") is installed with the package. Needs gcloud, authenticated.
 set -euo pipefail
 
 die() {
@@ -94,6 +97,20 @@ fi
 if [[ $workdir != gs://* && -z $keep ]]; then
   echo "warning: WORKDIR '$workdir' is on the TPU VM's disk and is deleted with it; use gs:// or --keep" >&2
 fi
+# mlm.train refuses URL workdirs, so gs://BUCKET/DIR becomes ~/gcs/BUCKET/DIR on the workers
+# (mounted below). remote_workdir is shell text for the worker: its ~ must stay unquoted.
+bucket=""
+remote_workdir=$(printf '%q' "$workdir")
+if [[ $workdir == gs://* ]]; then
+  gcs_path=${workdir#gs://}
+  bucket=${gcs_path%%/*}
+  [[ $bucket =~ ^[a-z0-9][-a-z0-9_.]{1,220}[a-z0-9]$ ]] ||
+    die "WORKDIR '$workdir' has no valid bucket name; pass --workdir gs://BUCKET/DIR"
+  gcs_dir=${gcs_path#"$bucket"}
+  gcs_dir=${gcs_dir#/}
+  mount_point=\~/gcs/$bucket
+  remote_workdir=$mount_point${gcs_dir:+/$(printf '%q' "$gcs_dir")}
+fi
 command -v gcloud >/dev/null || die "gcloud not found; install the Google Cloud SDK and run gcloud auth login"
 
 tpu_flags=(--zone="$zone")
@@ -129,7 +146,28 @@ archive_dir=$(mktemp -d)
 archive=$archive_dir/mlm.tar.gz
 tar -czf "$archive" -C "$repo" --exclude=__pycache__ pyproject.toml README.md mlm configs
 gcloud compute tpus tpu-vm scp "$archive" "$name:mlm.tar.gz" "${tpu_flags[@]}" --worker=all
-install="rm -rf ~/mlm && mkdir -p ~/mlm && tar -xzf ~/mlm.tar.gz -C ~/mlm"
+install=""
+if [[ -n $bucket ]]; then
+  # gcsfuse from Google's apt repository (the documented Ubuntu install); the lock timeout waits
+  # for the unattended upgrades a fresh VM may be running.
+  keyring=/usr/share/keyrings/cloud.google.asc
+  apt_get="sudo apt-get -o DPkg::Lock::Timeout=600"
+  install+="{ command -v gcsfuse >/dev/null || {"
+  install+=" echo \"deb [signed-by=$keyring] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -c -s) main\""
+  install+=" | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null"
+  install+=" && sudo curl -fsSL -o $keyring https://packages.cloud.google.com/apt/doc/apt-key.gpg"
+  install+=" && $apt_get update -qq && $apt_get install -y -q gcsfuse; }; }"
+  # --implicit-dirs: see directories that exist only as prefixes of objects (written by other
+  # tools). --rename-dir-limit: on a bucket without hierarchical namespace gcsfuse renames a
+  # directory only if it has fewer descendants than this (default 0: never), and orbax finalizes
+  # every checkpoint on a local path by renaming its temporary directory, which holds many files
+  # (more with more hosts and arrays); the generous limit lets that rename (a copy and delete of
+  # each object, so not atomic) go through instead of failing the save.
+  install+=" && mkdir -p $mount_point && { mountpoint -q $mount_point ||"
+  install+=" gcsfuse --implicit-dirs --rename-dir-limit=1000000 $(printf '%q' "$bucket") $mount_point; }"
+  install+=" && "
+fi
+install+="rm -rf ~/mlm && mkdir -p ~/mlm && tar -xzf ~/mlm.tar.gz -C ~/mlm"
 install+=" && python3 -m pip install -q --upgrade pip"
 install+=" && python3 -m pip install -q -e ~/mlm"
 read -r -a packages <<<"$pip_packages"
@@ -140,9 +178,11 @@ gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker=all --command=
 
 # --- Train on all workers at once; gcloud streams every worker's output here. ---
 train="cd ~/mlm && python3 -m mlm.train --config $(printf '%q' "$remote_config")"
-train+=" --workdir $(printf '%q' "$workdir")"
+train+=" --workdir $remote_workdir"
 for arg in ${train_args[@]+"${train_args[@]}"}; do
   train+=" $(printf '%q' "$arg")"
 done
+[[ -n $bucket ]] &&
+  echo "workdir: $workdir is $remote_workdir on every worker (gs://$bucket mounted at $mount_point with gcsfuse)" >&2
 echo "training: $train" >&2
 gcloud compute tpus tpu-vm ssh "$name" "${tpu_flags[@]}" --worker=all --command="$train"

@@ -67,9 +67,41 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
             "choose a writable --workdir"
         ) from error
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep or None, create=True, enable_async_checkpointing=True
+        max_to_keep=keep or None,
+        create=True,
+        enable_async_checkpointing=True,
+        # A FUSE-mounted bucket renames a directory object by object, not atomically: mark
+        # finished steps with a commit file instead of the final rename.
+        temporary_path_class=(
+            ocp.path.atomicity.CommitFileTemporaryPath if on_fuse_mount(directory) else None
+        ),
     )
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def on_fuse_mount(path: str, mounts_file: str = "/proc/mounts") -> bool:
+    """Whether `path` lies on a FUSE file system (e.g. a bucket mounted with gcsfuse).
+
+    Args:
+      path: a local path.
+      mounts_file: the mount table (Linux's /proc/mounts).
+
+    Returns:
+      True when the longest mount point containing `path` has a `fuse` file system type.
+    """
+    try:
+        with open(mounts_file) as file:
+            mounts = [line.split()[1:3] for line in file if len(line.split()) >= 3]
+    except OSError:
+        return False
+    path = os.path.realpath(path)
+    best, best_type = "", ""
+    for mount_point, fs_type in mounts:
+        mount_point = mount_point.replace("\\040", " ")
+        inside = path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= len(best):
+            best, best_type = mount_point, fs_type
+    return best_type.startswith("fuse")
 
 
 def save(

@@ -3,6 +3,7 @@
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -224,8 +225,20 @@ def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
     assert "--version=tpu-ubuntu2204-base" in create
     assert scp[0] == "scp" and scp[2] == "mlm-test:mlm.tar.gz" and "--worker=all" in scp
     assert install[:2] == ["ssh", "mlm-test"] and "--worker=all" in install
-    install_words = shlex.split(install[-1].removeprefix("--command="))
+    install_command = install[-1].removeprefix("--command=")
+    install_words = shlex.split(install_command)
     assert install_words[-6:] == ["pip", "install", "-q", "-e", "~/mlm", "jax[tpu]"]
+    # The gs:// workdir's bucket is mounted with gcsfuse (installed if missing) on every worker.
+    assert "command -v gcsfuse >/dev/null ||" in install_command
+    assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in (
+        install_command
+    )
+    assert "[signed-by=/usr/share/keyrings/cloud.google.asc]" in install_command
+    assert "apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse" in install_command
+    assert "mountpoint -q ~/gcs/bucket ||" in install_command
+    assert (
+        "gcsfuse --implicit-dirs --rename-dir-limit=1000000 bucket ~/gcs/bucket" in install_command
+    )
     assert train[:2] == ["ssh", "mlm-test"] and "--worker=all" in train
     command = train[-1].removeprefix("--command=")
     assert shlex.split(command)[3:] == [
@@ -235,12 +248,77 @@ def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
         "--config",
         "configs/quickstart.py",
         "--workdir",
-        "gs://bucket/run",
+        "~/gcs/bucket/run",
         "--config.train.num_steps=10",
         "--mode",
         "train",
     ]
+    assert "gs://" not in command
+    assert "workdir: gs://bucket/run is ~/gcs/bucket/run on every worker" in result.stderr
     assert delete[:2] == ["delete", "mlm-test"] and "--quiet" in delete
+
+
+def test_tpu_vm_commands_install_mount_and_train_on_a_worker(stand_ins, tmp_path):
+    """Runs the recorded remote commands under bash on a stand-in worker (its own HOME and PATH)."""
+    env, calls = stand_ins
+    args = list(TPU_ARGS)
+    args[args.index("--workdir") + 1] = "gs://my-bucket.data/runs/base 1"
+    result = run_script("tpu_vm.sh", args, env)
+    assert result.returncode == 0, result.stderr
+    install, train = (call[-1].removeprefix("--command=") for call in calls()[2:4])
+    mount_part, _, rest = install.partition(" && rm -rf ~/mlm")
+    assert rest  # The package install follows the mount.
+
+    home = tmp_path / "worker"
+    (home / "mlm").mkdir(parents=True)
+    bin_dir = tmp_path / "worker_bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "basename", "cat", "cp", "dirname", "mkdir"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    log = tmp_path / "worker.log"
+    write_executable(bin_dir / "lsb_release", "#!/usr/bin/env bash\necho jammy\n")
+    write_executable(bin_dir / "mountpoint", RECORDER + "exit $MOUNTED\n")
+    write_executable(bin_dir / "gcsfuse.deb", RECORDER)
+    write_executable(bin_dir / "python3", RECORDER)
+    # `sudo tee FILE` logs what it is given; `sudo apt-get ... install ... gcsfuse` installs it.
+    write_executable(
+        bin_dir / "sudo",
+        RECORDER
+        + """[[ $1 == tee ]] && cat >> "$CALL_LOG"
+[[ $* == *" install "*gcsfuse* ]] && cp "$(dirname "$0")/gcsfuse.deb" "$(dirname "$0")/gcsfuse"
+exit 0
+""",
+    )
+    worker_env = {"HOME": str(home), "PATH": str(bin_dir), "CALL_LOG": str(log), "MOUNTED": "1"}
+
+    def on_worker(command: str) -> list[str]:
+        log.write_text("")
+        done = subprocess.run(
+            ["bash", "-c", command], env=worker_env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return log.read_text().splitlines()
+
+    mount_point = f"{home}/gcs/my-bucket.data"
+    keyring = "/usr/share/keyrings/cloud.google.asc"
+    assert on_worker(mount_part) == [
+        "sudo tee /etc/apt/sources.list.d/gcsfuse.list ",
+        f"deb [signed-by={keyring}] https://packages.cloud.google.com/apt gcsfuse-jammy main",
+        "sudo curl -fsSL -o /usr/share/keyrings/cloud.google.asc "
+        "https://packages.cloud.google.com/apt/doc/apt-key.gpg ",
+        "sudo apt-get -o DPkg::Lock::Timeout=600 update -qq ",
+        "sudo apt-get -o DPkg::Lock::Timeout=600 install -y -q gcsfuse ",
+        f"mountpoint -q {mount_point} ",
+        f"gcsfuse --implicit-dirs --rename-dir-limit=1000000 my-bucket.data {mount_point} ",
+    ]
+    assert os.path.isdir(mount_point)
+    # Again, now that gcsfuse is installed and the bucket mounted: nothing to do.
+    worker_env["MOUNTED"] = "0"
+    assert on_worker(mount_part) == [f"mountpoint -q {mount_point} "]
+    # Training gets the mounted path, the ~ expanded on the worker and the space kept.
+    [trained] = on_worker(train)
+    trained_args = shlex.split(trained)
+    assert trained_args[trained_args.index("--workdir") + 1] == f"{mount_point}/runs/base 1"
 
 
 def test_tpu_vm_deletes_the_slice_when_training_fails(stand_ins):
@@ -265,8 +343,13 @@ def test_tpu_vm_from_environment_variables_with_keep(stand_ins):
     recorded = calls()
     assert [call[4] for call in recorded] == ["create", "scp", "ssh", "ssh"]  # No delete.
     assert "--version=v2-alpha-tpuv5-lite" in recorded[0]
-    assert "--workdir gs://bucket/tiny" in recorded[3][-1]
-    assert "kept TPU VM mlm-env" in result.stderr
+    assert (
+        "gcsfuse --implicit-dirs --rename-dir-limit=1000000 bucket ~/gcs/bucket"
+        in (recorded[2][-1])
+    )
+    assert "--workdir ~/gcs/bucket/tiny" in recorded[3][-1]
+    assert "gs://" not in recorded[3][-1]
+    assert "kept TPU VM mlm-env" in result.stderr  # Left running, the bucket still mounted.
 
 
 @pytest.mark.parametrize(
@@ -277,6 +360,8 @@ def test_tpu_vm_from_environment_variables_with_keep(stand_ins):
         ({"--accelerator-type": "v4"}, "ACCELERATOR_TYPE 'v4' is not GENERATION-SIZE"),
         ({"--config": "OUTSIDE"}, "is outside the repository"),
         ({"--config": "configs/missing.py"}, "CONFIG 'configs/missing.py' is not a file"),
+        ({"--workdir": "gs://My_Bucket/run"}, "WORKDIR 'gs://My_Bucket/run' has no valid bucket"),
+        ({"--workdir": "gs:///run"}, "WORKDIR 'gs:///run' has no valid bucket name"),
     ],
 )
 def test_tpu_vm_refuses_bad_input_before_any_gcloud_call(stand_ins, tmp_path, change, message):
@@ -301,7 +386,10 @@ def test_single_host_tpu_accepts_a_local_workdir_with_a_warning(stand_ins):
     result = run_script("tpu_vm.sh", args, env)
     assert result.returncode == 0, result.stderr
     assert "warning: WORKDIR '/tmp/run' is on the TPU VM's disk" in result.stderr
-    assert [call[4] for call in calls()][-1] == "delete"
+    recorded = calls()
+    assert [call[4] for call in recorded][-1] == "delete"
+    assert "gcsfuse" not in recorded[2][-1]  # Nothing to mount.
+    assert "--workdir /tmp/run " in recorded[3][-1]
 
 
 def sbatch_options() -> dict[str, str]:
