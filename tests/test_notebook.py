@@ -1,0 +1,80 @@
+"""notebooks/quickstart.ipynb runs top to bottom headless and shows what it promises."""
+
+import json
+import os
+import re
+import sys
+
+import nbformat
+from nbclient import NotebookClient
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+KERNEL = "mlm-test-python"
+
+
+def write_kernel_spec(jupyter_dir) -> None:
+    """A kernel spec that runs this interpreter, whatever `python` or user kernel specs say."""
+    spec_dir = jupyter_dir / "kernels" / KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "mlm test",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+
+
+def outputs(cell, output_type: str) -> list[dict]:
+    return [out for out in cell.get("outputs", []) if out["output_type"] == output_type]
+
+
+def stdout_of(cell) -> str:
+    return "".join(out["text"] for out in outputs(cell, "stream") if out["name"] == "stdout")
+
+
+def test_notebook_is_stored_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_notebook_runs(tmp_path, monkeypatch):
+    write_kernel_spec(tmp_path / "jupyter")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's workdir goes under tmp_path
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    client = NotebookClient(
+        nb,
+        kernel_name=KERNEL,
+        timeout=600,
+        resources={"metadata": {"path": os.path.join(ROOT, "notebooks")}},
+    )
+    client.execute()  # raises CellExecutionError if a cell fails
+    code = [cell for cell in nb.cells if cell.cell_type == "code"]
+    install, train, curves, fill = code
+
+    assert "mlm is installed" in stdout_of(install)
+    assert f"workdir: {tmp_path}" in stdout_of(train)
+
+    pngs = [out for out in outputs(curves, "display_data") if "image/png" in out["data"]]
+    assert len(pngs) == 1
+    match = re.search(
+        r"final eval \(step 300, \d+ examples\): masked_lm_accuracy=([0-9.]+) "
+        r"validation_loss=([0-9.]+)",
+        stdout_of(curves),
+    )
+    assert match, stdout_of(curves)
+    assert 0.0 < float(match.group(1)) <= 1.0
+    assert float(match.group(2)) > 0.0
+
+    text = stdout_of(fill)
+    assert "checkpoint step 300" in text
+    assert "input:  Return a [MASK] of the list." in text
+    candidates = re.findall(r"^ +([0-9.]+)  (\S+)$", text.split("[MASK] 1:")[1], flags=re.M)
+    assert len(candidates) == 5
+    probabilities = [float(p) for p, _ in candidates]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
