@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -18,6 +19,7 @@ import orbax.checkpoint as ocp
 from mlm.errors import WorkdirError
 
 CHECKPOINT_DIRNAME = "checkpoints"
+DAMAGED_DIRNAME = "damaged"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 
@@ -150,6 +152,63 @@ def restore(
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
     return restored[STATE_ITEM]
+
+
+def restore_latest_intact(
+    manager: ocp.CheckpointManager,
+    abstract_state: Any,
+    data_iterator: grain.DatasetIterator | None = None,
+    *,
+    report: Callable[[str], None],
+) -> tuple[Any, int] | None:
+    """Restores the newest step that reads back whole, moving damaged steps aside.
+
+    A step that fails to restore (truncated or corrupt files, a missing item) is reported, moved
+    to `checkpoints/damaged/STEP` (process 0; never deleted) and the previous step is tried.
+
+    Args:
+      manager: from `make_manager`.
+      abstract_state: the restore target (see `restore`).
+      data_iterator: the train input iterator to move to the saved position, or None.
+      report: prints one line (e.g. to stderr).
+
+    Returns:
+      (state, step), or None when the directory holds no step.
+
+    Raises:
+      WorkdirError: every step is damaged.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    for step in steps:
+        try:
+            return restore(manager, step, abstract_state, data_iterator), step
+        except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+            reason = " ".join(str(error).split())[:200]
+            report(
+                f"checkpoint step {step} is incomplete or damaged ({type(error).__name__}: "
+                f"{reason}); moved to {DAMAGED_DIRNAME}/{step}, trying the previous step"
+            )
+            _move_aside(manager, step)
+    if steps:
+        raise WorkdirError(
+            f"no intact checkpoint in '{manager.directory}' (damaged steps moved to "
+            f"{DAMAGED_DIRNAME}/); use a new --workdir or restore the files"
+        )
+    return None
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves a damaged step directory to `damaged/STEP` so the step can be written again."""
+    if jax.process_index() == 0:
+        directory = os.fspath(manager.directory)
+        target = os.path.join(directory, DAMAGED_DIRNAME, str(step))
+        suffix = 0
+        while os.path.exists(target):
+            suffix += 1
+            target = os.path.join(directory, DAMAGED_DIRNAME, f"{step}.{suffix}")
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        os.replace(os.path.join(directory, str(step)), target)
+    manager.reload()
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -14,6 +14,8 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
+from mlm.data.corpus import write_text_atomically
+
 
 def _jsonable(value: float | int) -> float | int | str | None:
     """Keeps full float precision; NaN / inf become strings so the file stays valid JSON."""
@@ -56,10 +58,36 @@ class MetricWriter:
                 self._tensorboard.add_scalar(f"{prefix}/{key}", value, step)
         self._tensorboard.flush()
 
+    def drop_after(self, step: int) -> None:
+        """Removes JSON-lines records of steps after `step` (a resumed run logs them again).
+
+        Args:
+          step: the step the run resumes from.
+        """
+        if not self._enabled:
+            return
+        for name in os.listdir(self._workdir):
+            if not name.endswith(".jsonl"):
+                continue
+            path = os.path.join(self._workdir, name)
+            with open(path) as file:
+                lines = file.readlines()
+            kept = [line for line in lines if _record_step(line) <= step]
+            if len(kept) < len(lines):
+                write_text_atomically(path, "".join(kept))
+
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer."""
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+def _record_step(line: str) -> int:
+    """The `step` of one JSON-lines record; a torn last line (a killed write) counts as later."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 2**62
 
 
 def progress_bar(start_step: int, num_steps: int) -> tqdm.tqdm:

@@ -27,6 +27,7 @@ from mlm.data.pipeline import first_batch, prefetch
 from mlm.errors import MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.optim import create_optimizer, learning_rate_schedule
+from mlm.preemption import PreemptionWatcher
 
 # Sections of config.json a resumed run must share with the run that wrote the checkpoints,
 # except fields that change neither the model nor the batches.
@@ -237,7 +238,8 @@ def train_and_evaluate(
       mode: `train`, `eval` (evaluate the latest checkpoint) or `train_and_eval`.
 
     Returns:
-      {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent).
+      {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent),
+      and 'preempted': {'step': N} when a SIGTERM / SIGINT stopped the run after saving step N.
     """
     if mode not in config_lib.MODES:
         raise config_lib.ConfigError(
@@ -268,11 +270,12 @@ def train_and_evaluate(
         train_iter = iter(
             prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
         )
-    latest = manager.latest_step()
-    if latest is not None:
-        target = checkpoint.abstract_with_shardings(abstract, shardings)
-        state = checkpoint.restore(manager, latest, target, train_iter)
-        print(f"resumed from {workdir}/checkpoints step {latest}", file=sys.stderr)
+    target = checkpoint.abstract_with_shardings(abstract, shardings)
+    restored = checkpoint.restore_latest_intact(manager, target, train_iter, report=_report)
+    if restored is not None:
+        state, latest = restored
+        writer.drop_after(latest)
+        _report(f"resumed from {workdir}/checkpoints step {latest}")
     elif mode == "eval":
         raise WorkdirError(f"--mode eval: workdir '{workdir}' has no checkpoint; train first")
     else:
@@ -306,21 +309,35 @@ def train_and_evaluate(
             )
         bar = progress_bar(start, last)
         logger = _TrainLogger(writer, config.train.log_every, last, bar)
-        for step in range(start + 1, last + 1):
-            batch = next(train_iter)
-            num_tokens = int(batch["input_mask"].sum()) * jax.process_count()
-            state, logs = train_fn(state, parallel.global_batch(batch, mesh))
-            logger.add(step, logs, num_tokens)
-            save_now = step % config.train.checkpoint_every == 0 or step == last
-            eval_now = mode == "train_and_eval" and (
-                step == last or (config.train.eval_every and step % config.train.eval_every == 0)
-            )
-            if save_now or eval_now:
-                logger.flush()
-            if save_now:
-                checkpoint.save(manager, step, state, train_iter)
-            if eval_now:
-                run_eval(step)
+        every = config.train.eval_every
+        with PreemptionWatcher(manager.reached_preemption) as watcher:
+            for step in range(start + 1, last + 1):
+                batch = next(train_iter)
+                num_tokens = int(batch["input_mask"].sum()) * jax.process_count()
+                state, logs = train_fn(state, parallel.global_batch(batch, mesh))
+                logger.add(step, logs, num_tokens)
+                stop = watcher.should_stop(step)
+                save_now = stop or step % config.train.checkpoint_every == 0 or step == last
+                eval_now = (
+                    not stop
+                    and mode == "train_and_eval"
+                    and (step == last or (every and step % every == 0))
+                )
+                if save_now or eval_now:
+                    logger.flush()
+                if save_now:
+                    checkpoint.save(manager, step, state, train_iter)
+                if eval_now:
+                    run_eval(step)
+                if stop:
+                    bar.close()
+                    _report(
+                        f"{watcher.signal_name}: saved a checkpoint at step {step} and stopped; "
+                        "run the same command to resume"
+                    )
+                    results["train"] = logger.last_metrics
+                    results["preempted"] = {"step": step}
+                    return results
         logger.flush()
         bar.close()
         results["train"] = logger.last_metrics
@@ -331,6 +348,12 @@ def train_and_evaluate(
         manager.wait_until_finished()
         manager.close()
         writer.close()
+
+
+def _report(message: str) -> None:
+    """Prints one line to stderr on process 0."""
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
 
 
 def run() -> None:
