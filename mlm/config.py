@@ -98,6 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
             eval_steps=100,
             checkpoint_every=10_000,
             keep_checkpoints=3,
+            # Non-finite updates are skipped; this many in a row stop the run (divergence).
+            max_consecutive_skips=5,
             seed=42,
         )
     )
@@ -280,6 +282,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         _require(data[name] >= 0, f"data.{name} must be >= 0, got {data[name]}")
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    _require(
+        train.max_consecutive_skips >= 1,
+        f"train.max_consecutive_skips must be >= 1, got {train.max_consecutive_skips}",
+    )
     for name in ("eval_every", "eval_steps", "keep_checkpoints"):
         _require(train[name] >= 0, f"train.{name} must be >= 0, got {train[name]}")
     _require(

@@ -19,3 +19,7 @@ class DataError(MlmError, ValueError):
 
 class WorkdirError(MlmError, OSError):
     """The workdir cannot be created or written, or holds files from an incompatible run."""
+
+
+class DivergenceError(MlmError):
+    """Training diverged: updates kept being non-finite."""

@@ -98,7 +98,8 @@ def _validate(config: ml_collections.ConfigDict) -> None:
 def create_optimizer(
     config: ml_collections.ConfigDict, num_steps: int
 ) -> optax.GradientTransformation:
-    """Gradient clipping followed by AdamW or LAMB with the warmup + polynomial decay schedule.
+    """Gradient clipping, then AdamW or LAMB with the warmup + polynomial decay schedule, with
+    non-finite updates skipped (`optax.apply_if_finite`).
 
     Args:
       config: the `optimizer` config section.
@@ -131,5 +132,8 @@ def create_optimizer(
             optax.scale_by_learning_rate(schedule),
         )
     if config.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
-    return optimizer
+        optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
+    # Divergence guard: an update with a non-finite value is skipped (params and moments kept)
+    # and counted; the driver stops the run after train.max_consecutive_skips in a row, so the
+    # wrapper itself never gives up.
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)

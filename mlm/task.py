@@ -27,7 +27,7 @@ Logs = dict[str, Any]
 # Per-step values the host averages over a logging interval; `learning_rate` keeps its latest
 # value; everything else a step returns is a sum that the host adds up.
 MEAN_KEYS = ("loss", "grad_norm")
-LAST_KEYS = ("learning_rate",)
+LAST_KEYS = ("learning_rate", "consecutive_skips")
 
 
 @flax.struct.dataclass
@@ -302,7 +302,9 @@ def train_step(
       grad_accum_steps: micro-batches per update.
 
     Returns:
-      (new state, logs): logs hold `loss`, `grad_norm`, `learning_rate` and the metric sums.
+      (new state, logs): logs hold `loss`, `grad_norm`, `learning_rate`, the metric sums and,
+      with `optax.apply_if_finite` (as `create_optimizer` builds it), `skipped_steps` (1 when
+      this update was skipped as non-finite) and `consecutive_skips`.
     """
     rng = jax.random.fold_in(state.rng, state.step)
     value, sums, grads = _gradients(
@@ -314,6 +316,10 @@ def train_step(
     logs["loss"] = value
     logs["grad_norm"] = optax.tree.norm(grads)
     logs["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+        # The divergence guard skipped this update when a value was not finite.
+        logs["skipped_steps"] = 1 - opt_state.last_finite.astype(jnp.int32)
+        logs["consecutive_skips"] = opt_state.notfinite_count
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, logs
 
@@ -404,4 +410,6 @@ def reduce_aggregated_logs(aggregated: Logs, global_step: int | None = None) -> 
     for name in LAST_KEYS:
         if name in aggregated:
             metrics[name] = aggregated[name]
+    if "skipped_steps" in aggregated:
+        metrics["skipped_steps"] = aggregated["skipped_steps"]
     return metrics

@@ -24,7 +24,7 @@ from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
-from mlm.errors import MlmError, WorkdirError
+from mlm.errors import DivergenceError, MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.optim import create_optimizer, learning_rate_schedule
 from mlm.preemption import PreemptionWatcher
@@ -87,8 +87,18 @@ class _TrainLogger:
     whose values are ready by then, so reading metrics never stalls dispatch.
     """
 
-    def __init__(self, writer: MetricWriter, log_every: int, last_step: int, bar: Any):
+    def __init__(
+        self,
+        writer: MetricWriter,
+        log_every: int,
+        last_step: int,
+        bar: Any,
+        max_consecutive_skips: int = 2**30,
+        last_saved: Callable[[], int | None] = lambda: None,
+    ):
         self._writer = writer
+        self._max_consecutive_skips = max_consecutive_skips
+        self._last_saved = last_saved
         self._log_every = log_every
         self._last_step = last_step
         self._bar = bar
@@ -111,11 +121,24 @@ class _TrainLogger:
             pending, self._pending = self._pending, None
             self._process(*pending)
 
+    def _check_divergence(self, step: int, consecutive_skips: int) -> None:
+        if consecutive_skips < self._max_consecutive_skips:
+            return
+        saved = self._last_saved()
+        resume = f"step {saved}" if saved is not None else "the start"
+        raise DivergenceError(
+            f"training diverged: the loss or gradients were not finite for {consecutive_skips} "
+            f"steps in a row (up to step {step}); those updates were skipped and nothing was "
+            f"saved after {resume}; lower optimizer.learning_rate (or check the data) and run "
+            f"again to resume from {resume}"
+        )
+
     def _process(self, step: int, device_logs: Any, num_tokens: int) -> None:
         host_logs = jax.device_get(device_logs)
         now = time.perf_counter()
         self._bar.update(1)
         self._aggregated = task.aggregate_logs(self._aggregated, host_logs)
+        self._check_divergence(step, int(host_logs.get("consecutive_skips", 0)))
         if self._interval_start is None:
             # The first step of a run includes compilation: time from its end instead.
             self._interval_start = now
@@ -308,7 +331,14 @@ def train_and_evaluate(
                 file=sys.stderr,
             )
         bar = progress_bar(start, last)
-        logger = _TrainLogger(writer, config.train.log_every, last, bar)
+        logger = _TrainLogger(
+            writer,
+            config.train.log_every,
+            last,
+            bar,
+            config.train.max_consecutive_skips,
+            manager.latest_step,
+        )
         every = config.train.eval_every
         with PreemptionWatcher(manager.reached_preemption) as watcher:
             for step in range(start + 1, last + 1):

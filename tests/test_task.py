@@ -147,6 +147,32 @@ def test_train_step_lowers_loss_and_counts_steps():
     assert {"loss", "grad_norm", "learning_rate", "nsp_loss_sum", "lm_loss_sum"} <= set(logs)
 
 
+def test_a_non_finite_update_is_skipped_and_counted():
+    config = tiny_config()
+    model, tx, state = make_state(config)
+    train = step_fn(config, model, tx, 1)
+    good = random_batch(5)
+    bad = dict(good, masked_lm_weights=np.full_like(good["masked_lm_weights"], np.inf))
+    state, logs = train(state, good)
+    assert (int(logs["skipped_steps"]), int(logs["consecutive_skips"])) == (0, 0)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    for expected in (1, 2):
+        state, logs = train(state, bad)
+        assert not np.isfinite(float(logs["loss"]))
+        assert (int(logs["skipped_steps"]), int(logs["consecutive_skips"])) == (1, expected)
+    after = jax.tree.map(np.asarray, (state.params.copy(), state.opt_state))
+    # Params and the inner optimizer state are those of the last good update.
+    for a, b in zip(jax.tree.leaves(before[0]), jax.tree.leaves(after[0]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(state.step) == 3  # The data moves on.
+    state, logs = train(state, good)
+    assert (int(logs["skipped_steps"]), int(logs["consecutive_skips"])) == (0, 0)
+    aggregated = None
+    for step_logs in ({"loss": 1.0, "skipped_steps": 1}, {"loss": 2.0, "skipped_steps": 0}):
+        aggregated = task.aggregate_logs(aggregated, step_logs)
+    assert task.reduce_aggregated_logs(aggregated)["skipped_steps"] == 1
+
+
 def test_dropout_uses_the_step_rng():
     config = tiny_config(dropout=0.5)
     model, tx, state = make_state(config)

@@ -346,3 +346,21 @@ def test_worker_count_is_fixed_for_a_run_but_prefetch_is_not(source_configs, tmp
     config.data.num_workers = 2
     with pytest.raises(WorkdirError, match=r"data\.num_workers=0, this config has 2"):
         train_and_evaluate(config, workdir)
+
+
+def test_consecutive_skipped_updates_stop_the_run_naming_the_last_checkpoint(tmp_path):
+    from mlm.errors import DivergenceError
+    from mlm.metrics import MetricWriter, progress_bar
+    from mlm.train import _TrainLogger
+
+    writer = MetricWriter(str(tmp_path))
+    logger = _TrainLogger(writer, 1, 20, progress_bar(0, 20), 3, lambda: 4)
+    base = {"loss": 1.0, "grad_norm": 1.0, "learning_rate": 0.1, "lm_weight_sum": 1.0}
+    logger.add(5, dict(base, skipped_steps=0, consecutive_skips=0), 10)
+    for step, count in ((6, 1), (7, 2), (8, 3)):
+        logger.add(step, dict(base, loss=np.nan, skipped_steps=1, consecutive_skips=count), 10)
+    with pytest.raises(DivergenceError, match=r"3 steps in a row \(up to step 8\).*from step 4"):
+        logger.flush()
+    writer.close()
+    records = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1]
