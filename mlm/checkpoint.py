@@ -19,9 +19,11 @@ import orbax.checkpoint as ocp
 from mlm.errors import WorkdirError
 
 CHECKPOINT_DIRNAME = "checkpoints"
+BEST_DIRNAME = "checkpoints_best"
 DAMAGED_DIRNAME = "damaged"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
+CONFIG_ITEM = "config"
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -81,6 +83,47 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+def make_best_manager(directory: str, metric: str) -> ocp.CheckpointManager:
+    """Opens the manager that keeps the single best step by an eval metric.
+
+    Args:
+      directory: where the best step goes (`WORKDIR/checkpoints_best`).
+      metric: an eval metric name; names containing `loss` are better lower, others higher.
+
+    Returns:
+      A CheckpointManager keeping one step: the best so far.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        best_fn=lambda metrics: metrics[metric],
+        best_mode="min" if "loss" in metric else "max",
+        keep_checkpoints_without_metrics=False,
+        create=True,
+        enable_async_checkpointing=True,
+        temporary_path_class=(
+            ocp.path.atomicity.CommitFileTemporaryPath if on_fuse_mount(directory) else None
+        ),
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_best(
+    manager: ocp.CheckpointManager, step: int, state: Any, metrics: dict[str, float]
+) -> None:
+    """Offers `state` at `step` with its eval metrics; the manager keeps it if it is the best.
+
+    Args:
+      manager: from `make_best_manager`.
+      step: the train step.
+      state: the TaskState.
+      metrics: the eval metrics of that step.
+    """
+    if step in manager.all_steps():
+        return  # Kept before a resume; the resumed run reproduces the same state exactly.
+    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
 def on_fuse_mount(path: str, mounts_file: str = "/proc/mounts") -> bool:
     """Whether `path` lies on a FUSE file system (e.g. a bucket mounted with gcsfuse).
 
@@ -111,6 +154,7 @@ def save(
     step: int,
     state: Any,
     data_iterator: grain.DatasetIterator | None,
+    config: dict | None = None,
 ) -> None:
     """Starts an asynchronous save of `state` (and the iterator position) at `step`.
 
@@ -122,10 +166,13 @@ def save(
       step: the step number the checkpoint is for.
       state: the TaskState.
       data_iterator: the train input iterator, or None.
+      config: the run's config as a dict, saved with the step (`config` item), or None.
     """
     items = {STATE_ITEM: ocp.args.StandardSave(state)}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(IteratorSnapshot(data_iterator))
+    if config is not None:
+        items[CONFIG_ITEM] = ocp.args.JsonSave(config)
     manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 

@@ -20,6 +20,14 @@ from mlm.errors import ConfigError
 COMPUTE_DTYPES = ("float32", "bfloat16")
 OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
+# Eval metrics a best checkpoint can be chosen by.
+EVAL_METRICS = (
+    "masked_lm_accuracy",
+    "lm_example_loss",
+    "validation_loss",
+    "next_sentence_accuracy",
+    "next_sentence_loss",
+)
 
 
 # The data fields that each select a data source; none set selects the built-in corpus.
@@ -98,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
             eval_steps=100,
             checkpoint_every=10_000,
             keep_checkpoints=3,
+            # The eval metric whose best step is kept in WORKDIR/checkpoints_best (names with
+            # "loss" are better lower); empty: none.
+            best_metric="masked_lm_accuracy",
             # Non-finite updates are skipped; this many in a row stop the run (divergence).
             max_consecutive_skips=5,
             seed=42,
@@ -282,6 +293,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         _require(data[name] >= 0, f"data.{name} must be >= 0, got {data[name]}")
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    _require(
+        train.best_metric in ("", *EVAL_METRICS),
+        f"train.best_metric must be one of {', '.join(EVAL_METRICS)} (or empty), got "
+        f"'{train.best_metric}'",
+    )
     _require(
         train.max_consecutive_skips >= 1,
         f"train.max_consecutive_skips must be >= 1, got {train.max_consecutive_skips}",

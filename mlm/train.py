@@ -287,6 +287,11 @@ def train_and_evaluate(
     manager = checkpoint.make_manager(
         checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
     )
+    best_manager = None
+    if config.train.best_metric and inputs.eval is not None and mode != "eval":
+        best_manager = checkpoint.make_best_manager(
+            os.path.join(workdir, checkpoint.BEST_DIRNAME), config.train.best_metric
+        )
     writer = MetricWriter(workdir)
     train_iter = None
     if inputs.train is not None:
@@ -315,6 +320,8 @@ def train_and_evaluate(
         )
         writer.write("eval_metrics", metrics)
         results["eval"] = metrics
+        if best_manager is not None and mode != "eval":
+            checkpoint.save_best(best_manager, step, state, metrics)
         if jax.process_index() == 0:
             shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
             print(f"eval step {step}: {shown}", file=sys.stderr)
@@ -356,7 +363,7 @@ def train_and_evaluate(
                 if save_now or eval_now:
                     logger.flush()
                 if save_now:
-                    checkpoint.save(manager, step, state, train_iter)
+                    checkpoint.save(manager, step, state, train_iter, config.to_dict())
                 if eval_now:
                     run_eval(step)
                 if stop:
@@ -375,8 +382,10 @@ def train_and_evaluate(
             run_eval(last)
         return results
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        for open_manager in (manager, best_manager):
+            if open_manager is not None:
+                open_manager.wait_until_finished()
+                open_manager.close()
         writer.close()
 
 

@@ -364,3 +364,14 @@ def test_consecutive_skipped_updates_stop_the_run_naming_the_last_checkpoint(tmp
     writer.close()
     records = read_jsonl(os.path.join(str(tmp_path), "metrics.jsonl"))
     assert [r["skipped_steps"] for r in records] == [0, 1, 1]
+
+
+def test_the_best_eval_step_is_kept_aside_with_the_config_in_every_step(trained):
+    workdir, _ = trained
+    evals = read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))
+    # Ties go to the later step.
+    best = max(evals, key=lambda record: (record["masked_lm_accuracy"], record["step"]))
+    kept = os.listdir(os.path.join(workdir, "checkpoints_best"))
+    assert kept == [str(best["step"])], evals
+    with open(os.path.join(workdir, "checkpoints", "40", "config", "metadata")) as file:
+        assert json.load(file)["model"]["hidden_size"] == 32
