@@ -106,6 +106,12 @@ def base_config() -> ml_collections.ConfigDict:
             eval_steps=100,
             checkpoint_every=10_000,
             keep_checkpoints=3,
+            # Start a new run from another run's checkpoint (Model Garden's init_checkpoint): an
+            # mlm workdir (its latest step), its checkpoints/ directory or one checkpoints/STEP.
+            # Ignored once this workdir has checkpoints of its own (the run resumes from those).
+            init_checkpoint="",
+            # Also copy the optimizer state (moments); it must have exactly this run's structure.
+            init_optimizer=False,
             # The eval metric whose best step is kept in WORKDIR/checkpoints_best (names with
             # "loss" are better lower); empty: none.
             best_metric="masked_lm_accuracy",
@@ -297,6 +303,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         train.best_metric in ("", *EVAL_METRICS),
         f"train.best_metric must be one of {', '.join(EVAL_METRICS)} (or empty), got "
         f"'{train.best_metric}'",
+    )
+    _require(
+        not train.init_optimizer or train.init_checkpoint,
+        "train.init_optimizer needs train.init_checkpoint; set both or neither",
     )
     _require(
         train.max_consecutive_skips >= 1,

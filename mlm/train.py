@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, distributed, parallel, task
+from mlm import checkpoint, distributed, initialize, parallel, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
@@ -270,6 +270,8 @@ def train_and_evaluate(
         )
     config = config_lib.validate(config)
     prepare_workdir(config, workdir)
+    if config.train.init_checkpoint and not checkpoint.has_checkpoint(workdir):
+        initialize.resolve_checkpoint(config.train.init_checkpoint)  # Fail before the data.
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(
         config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
@@ -308,6 +310,8 @@ def train_and_evaluate(
         raise WorkdirError(f"--mode eval: workdir '{workdir}' has no checkpoint; train first")
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+        if config.train.init_checkpoint:
+            state = _initialize_from(config, workdir, state)
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
     if inputs.eval is None and mode != "train" and jax.process_index() == 0:
         print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
@@ -387,6 +391,19 @@ def train_and_evaluate(
                 open_manager.wait_until_finished()
                 open_manager.close()
         writer.close()
+
+
+def _initialize_from(config: ml_collections.ConfigDict, workdir: str, state: Any) -> Any:
+    """Loads `train.init_checkpoint` into a new run's state (every process) and reports it."""
+    source_dir, _ = initialize.resolve_checkpoint(config.train.init_checkpoint)
+    initialize.check_vocab(source_dir, workdir)
+    state, report = initialize.load_initial_state(
+        state, config.train.init_checkpoint, init_optimizer=config.train.init_optimizer
+    )
+    if jax.process_index() == 0:
+        print(report.format_report(), end="", file=sys.stderr)
+        initialize.write_report(report, workdir)
+    return state
 
 
 def _report(message: str) -> None:

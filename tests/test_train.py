@@ -375,3 +375,25 @@ def test_the_best_eval_step_is_kept_aside_with_the_config_in_every_step(trained)
     assert kept == [str(best["step"])], evals
     with open(os.path.join(workdir, "checkpoints", "40", "config", "metadata")) as file:
         assert json.load(file)["model"]["hidden_size"] == 32
+
+
+def test_init_checkpoint_starts_a_new_run_from_trained_params(trained, tmp_path):
+    workdir, _ = trained
+    config = tiny_config()
+    config.train.update(num_steps=5, log_every=1, eval_every=0, checkpoint_every=5)
+    config.optimizer.warmup_steps = 1
+    fresh = str(tmp_path / "fresh")
+    train_and_evaluate(config, fresh)
+    config.train.init_checkpoint = workdir
+    started = str(tmp_path / "started")
+    train_and_evaluate(config, started)
+    with open(os.path.join(started, "init_report.txt")) as file:
+        report = file.read()
+    assert "encoder/word_embeddings/embedding" in report and "loaded" in report
+    first = read_jsonl(os.path.join(fresh, "metrics.jsonl"))[0]
+    from_trained = read_jsonl(os.path.join(started, "metrics.jsonl"))[0]
+    assert from_trained["step"] == 1  # A new run: its own step count.
+    assert from_trained["loss"] < first["loss"] - 0.3
+    config.train.init_checkpoint = str(tmp_path / "missing")
+    with pytest.raises(config_lib.ConfigError, match="missing"):
+        train_and_evaluate(config, str(tmp_path / "third"))
