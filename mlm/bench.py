@@ -302,6 +302,63 @@ def bench_state_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def bench_checkpoint_cost(
+    config: ml_collections.ConfigDict, directory: str, repeats: int = 2
+) -> dict[str, Any]:
+    """Times how long a checkpoint save holds up the training loop, async vs blocking.
+
+    The train state is created as training creates it and saved with `mlm.checkpoint.save`
+    (the manager training uses) `repeats` times each way; a step in between keeps the timings
+    apart from first-call costs.
+
+    Args:
+      config: a config whose `model`, `optimizer` and `mesh` are measured.
+      directory: an empty scratch directory for the checkpoints.
+      repeats: saves timed per mode.
+
+    Returns:
+      `state_bytes`, `async_blocking_s` (the mean time `save` takes to return: the
+      device-to-host copy), `async_total_s` (until the files are written), and
+      `blocking_s` (save + wait, what a synchronous save would cost the loop).
+    """
+    from mlm import checkpoint, parallel, task
+    from mlm.optim import create_optimizer
+
+    config = config_lib.validate(copy.deepcopy(config))
+    mesh = parallel.make_mesh(config.mesh)
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    jax.block_until_ready(state)
+    manager = checkpoint.make_manager(directory, keep=1)
+    checkpoint.save(manager, 0, state, None)  # Warm-up: first-call costs.
+    manager.wait_until_finished()
+    returned, total, blocking = [], [], []
+    try:
+        for index in range(repeats):
+            start = time.perf_counter()
+            checkpoint.save(manager, 2 * index + 1, state, None)
+            returned.append(time.perf_counter() - start)
+            manager.wait_until_finished()
+            total.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            checkpoint.save(manager, 2 * index + 2, state, None)
+            manager.wait_until_finished()
+            blocking.append(time.perf_counter() - start)
+    finally:
+        manager.close()
+    return dict(
+        state_bytes=sum(leaf.nbytes for leaf in jax.tree.leaves(state)),
+        repeats=repeats,
+        async_blocking_s=float(np.mean(returned)),
+        async_total_s=float(np.mean(total)),
+        blocking_s=float(np.mean(blocking)),
+    )
+
+
 def write_json_lines(path: str, records: Sequence[dict[str, Any]]) -> None:
     """Appends one JSON line per record to `path` (so several runs can share one file)."""
     with open(path, "a", encoding="utf-8") as file:
@@ -337,6 +394,9 @@ def run() -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     input_only = flags.DEFINE_bool("input-only", False, "Measure the input pipeline alone.")
+    checkpoint_cost = flags.DEFINE_bool(
+        "checkpoint-cost", False, "Time how long a save blocks the loop, async vs blocking."
+    )
     state_memory = flags.DEFINE_bool(
         "state-memory", False, "Measure the train state's bytes per device on config.mesh."
     )
@@ -350,6 +410,17 @@ def run() -> None:
         del argv
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        if checkpoint_cost.value:
+            with tempfile.TemporaryDirectory(prefix="mlm_bench_ckpt_") as scratch:
+                record = bench_checkpoint_cost(config_flag.value, os.path.join(scratch, "c"))
+            print(
+                f"state {record['state_bytes'] / 2**30:.3f} GiB: an async save holds the loop "
+                f"{record['async_blocking_s']:.3f} s (written after {record['async_total_s']:.3f}"
+                f" s); a blocking save {record['blocking_s']:.3f} s"
+            )
+            if json_out.value:
+                write_json_lines(json_out.value, [record])
+            return
         if state_memory.value:
             record = bench_state_memory(config_flag.value)
             gib = 2**30
@@ -364,8 +435,8 @@ def run() -> None:
             return
         if not input_only.value:
             raise ConfigError(
-                "pick a benchmark: --input-only (input pipeline) or --state-memory (state bytes "
-                "per device); model step benchmarks come later"
+                "pick a benchmark: --input-only (input pipeline), --state-memory (state bytes "
+                "per device) or --checkpoint-cost (save time); model step benchmarks come later"
             )
         with tempfile.TemporaryDirectory(prefix="mlm_bench_") as scratch:
             records = bench_input(

@@ -169,3 +169,12 @@ def test_state_memory_is_split_by_fsdp(tmp_path):
     # Everything but small arrays (biases, LayerNorm; the 30522-wide output bias, which 8 does
     # not divide) is split 8 ways.
     assert 1 / 8 <= records[8]["fraction"] < 0.135
+
+
+def test_checkpoint_cost_times_async_and_blocking_saves(tmp_path):
+    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "bert_tiny.py"))
+    record = bench.bench_checkpoint_cost(config, str(tmp_path / "checkpoints"), repeats=1)
+    assert record["state_bytes"] > 4_000_000 * 4 * 3  # bert_tiny params + two Adam moments.
+    assert 0 < record["async_blocking_s"] <= record["async_total_s"]
+    assert record["blocking_s"] > 0
+    assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2"]  # keep=1
