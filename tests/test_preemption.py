@@ -43,13 +43,15 @@ def corpus(tmp_path_factory):
         for _ in range(150)
     ]
     train = root / "train.txt"
-    train.write_text("\n\n".join(documents) + "\n")
+    train.write_text("\n\n".join(documents[:130]) + "\n")
+    evaluation = root / "eval.txt"
+    evaluation.write_text("\n\n".join(documents[130:]) + "\n")
     vocab = train_wordpiece([str(train)], 100, True, str(root / "vocab.txt"))
-    return str(train), vocab
+    return str(train), str(evaluation), vocab
 
 
 def command(corpus, workdir, num_steps, checkpoint_every):
-    train, vocab = corpus
+    train, evaluation, vocab = corpus
     overrides = {
         "model.vocab_size": 128,
         "model.hidden_size": 32,
@@ -61,16 +63,19 @@ def command(corpus, workdir, num_steps, checkpoint_every):
         "data.seq_length": 32,
         "data.max_predictions_per_seq": 5,
         "data.train_files": train,
+        "data.eval_files": evaluation,
         "data.vocab_file": vocab,
         "train.global_batch_size": 8,
         "train.num_steps": num_steps,
         "train.log_every": 1,
         "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": 2,
+        "train.eval_every": 15,  # Kills may land in an eval too.
+        "train.eval_steps": 2,
         "optimizer.warmup_steps": 10,
     }
     args = [sys.executable, "-m", "mlm.train", "--config", "configs/quickstart.py"]
-    args += ["--workdir", str(workdir), "--mode", "train"]
+    args += ["--workdir", str(workdir)]
     return args + [f"--config.{name}={value}" for name, value in overrides.items()]
 
 
@@ -144,6 +149,7 @@ def test_kill_9_at_random_moments_changes_nothing(corpus, uninterrupted, tmp_pat
         process.kill()
         process.communicate()
         kills += 1
+    print(f"kill -9 test: {kills} kills")
     assert kills >= 3
     assert losses(workdir) == losses(uninterrupted)
 
@@ -170,3 +176,31 @@ def test_a_damaged_step_is_reported_and_the_previous_one_is_used(corpus, uninter
     assert f"resumed from {workdir}/checkpoints step 50" in result.stderr
     assert os.path.isdir(workdir / "checkpoints" / "damaged" / "60")
     assert losses(workdir) == losses(uninterrupted)
+
+
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(corpus, tmp_path):
+    workdir = tmp_path / "run"
+    args = command(corpus, workdir, 3000, 1000)[3:]  # Without `python -m mlm.train`.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLM_", "SLURM_"))}
+    env.update(PYTHON=sys.executable, MLM_LOCAL_DEVICES="1")
+    launcher = subprocess.Popen(
+        [os.path.join(ROOT, "launch", "local.sh"), "2", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    while logged_steps(workdir) < 10:
+        assert launcher.poll() is None, launcher.communicate()[0][-3000:]
+        time.sleep(0.05)
+    pattern = f"mlm.train --config configs/quickstart.py --workdir {workdir}"
+    processes = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
+    pids = [int(pid) for pid in processes.stdout.split()]
+    assert len(pids) == 2
+    os.kill(max(pids), signal.SIGTERM)  # One process only: JAX's preemption sync tells the other.
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 0, output[-3000:]
+    line = [line for line in output.splitlines() if "SIGTERM: saved a checkpoint" in line][-1]
+    stopped = line.split("at step ")[1].split()[0]
+    assert os.listdir(workdir / "checkpoints") == [stopped]  # One step, saved by both.
