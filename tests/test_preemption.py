@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -91,6 +92,15 @@ def losses(workdir):
         return {record["step"]: record["loss"] for record in map(json.loads, file)}
 
 
+def final_params(workdir):
+    """The params of step 60 as numpy arrays, read without a restore target."""
+    import orbax.checkpoint as ocp
+
+    path = os.path.join(str(workdir), "checkpoints", "60", "state")
+    restored = ocp.StandardCheckpointer().restore(path)
+    return [np.asarray(leaf) for leaf in jax.tree.leaves(restored["params"])]
+
+
 def logged_steps(workdir):
     path = os.path.join(workdir, "metrics.jsonl")
     if not os.path.exists(path):
@@ -152,6 +162,8 @@ def test_kill_9_at_random_moments_changes_nothing(corpus, uninterrupted, tmp_pat
     print(f"kill -9 test: {kills} kills")
     assert kills >= 3
     assert losses(workdir) == losses(uninterrupted)
+    for a, b in zip(final_params(workdir), final_params(uninterrupted), strict=True):
+        np.testing.assert_array_equal(a, b)  # Bit for bit.
 
 
 def test_a_damaged_step_is_reported_and_the_previous_one_is_used(corpus, uninterrupted, tmp_path):
