@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from mlm.errors import WorkdirError
+from mlm.errors import ConfigError, WorkdirError
 
 CHECKPOINT_DIRNAME = "checkpoints"
 BEST_DIRNAME = "checkpoints_best"
@@ -73,6 +74,7 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep or None,
         create=True,
+        cleanup_tmp_directories=True,  # Unfinished steps of a killed or failed save.
         enable_async_checkpointing=True,
         # A FUSE-mounted bucket renames a directory object by object, not atomically: mark
         # finished steps with a commit file instead of the final rename.
@@ -231,6 +233,14 @@ def restore_latest_intact(
             return restore(manager, step, abstract_state, data_iterator), step
         except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
             reason = " ".join(str(error).split())[:200]
+            if "tree structures do not match" in reason:
+                # Not damage: this config builds another state (e.g. another optimizer).
+                raise ConfigError(
+                    f"checkpoint step {step} holds a train state of another structure than "
+                    f"this config builds ({reason[:120]}...); resume with the config the run "
+                    "was started with (WORKDIR/config.json: optimizer.name, clip_norm, ...) "
+                    "or use a new --workdir"
+                ) from None
             report(
                 f"checkpoint step {step} is incomplete or damaged ({type(error).__name__}: "
                 f"{reason}); moved to {DAMAGED_DIRNAME}/{step}, trying the previous step"
@@ -256,6 +266,19 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
         os.replace(os.path.join(directory, str(step)), target)
     manager.reload()
+
+
+def remove_unfinished(directory: str) -> None:
+    """Deletes the temporary directories of saves that did not finish (process 0 only).
+
+    Args:
+      directory: a checkpoint directory (`WORKDIR/checkpoints`).
+    """
+    if jax.process_index() != 0 or not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if name.endswith(".orbax-checkpoint-tmp") or ".orbax-checkpoint-tmp-" in name:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

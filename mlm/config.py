@@ -12,6 +12,7 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
@@ -408,6 +409,28 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> N
                 f"unknown config field '{name}' in override '{arg}'{_did_you_mean(name, known)};"
                 " the fields are listed in README.md 'Config reference'"
             )
+        if match and match.group(2):
+            _check_override_type(match.group(1), match.group(2)[1:], known[match.group(1)])
+
+
+def _check_override_type(name: str, text: str, default: Any) -> None:
+    """Raises ConfigError when an override's value cannot be read as its field's type."""
+    expected = type(default)
+    if expected is bool:
+        ok = text.lower() in ("true", "false", "1", "0")
+    elif expected in (int, float):
+        try:
+            expected(text)
+            ok = True
+        except ValueError:
+            ok = False
+    else:
+        return
+    if not ok:
+        raise ConfigError(
+            f"config field '{name}' must be {expected.__name__}, got '{text}' in override "
+            f"'--config.{name}={text}'; fix the value"
+        )
 
 
 def config_file_from_argv(argv: Sequence[str]) -> str | None:

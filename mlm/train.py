@@ -24,7 +24,7 @@ from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
-from mlm.errors import DivergenceError, MlmError, WorkdirError
+from mlm.errors import ConfigError, DivergenceError, MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.optim import create_optimizer, learning_rate_schedule
 from mlm.preemption import PreemptionWatcher
@@ -35,12 +35,15 @@ _FIXED_SECTIONS = ("model", "data")
 _FREE_FIELDS = ("data.prefetch_batches",)
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
     """Creates the workdir, checks it is writable and consistent, and writes `config.json`.
 
     Args:
       config: the validated config.
       workdir: the run directory.
+
+    Returns:
+      The config.json of the run that wrote the workdir's checkpoints, or None.
 
     Raises:
       WorkdirError: unwritable, or it holds checkpoints of a run with different model/data fields.
@@ -62,9 +65,16 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
             f"workdir '{workdir}' is not writable ({error.strerror}); pass a writable --workdir"
         ) from error
     path = os.path.join(workdir, "config.json")
+    previous = None
     if os.path.exists(path) and checkpoint.has_checkpoint(workdir):
-        with open(path) as file:
-            previous = json.load(file)
+        try:
+            with open(path) as file:
+                previous = json.load(file)
+        except (OSError, ValueError) as error:
+            raise WorkdirError(
+                f"{path}: cannot be read ({error}); restore it from a checkpoint step's "
+                "config item (checkpoints/STEP/config) or use a new --workdir"
+            ) from None
         current = config.to_dict()
         for section in _FIXED_SECTIONS:
             for field, value in current[section].items():
@@ -78,6 +88,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
                     )
     if jax.process_index() == 0:
         write_text_atomically(path, config_lib.to_json(config))
+    return previous
 
 
 class _TrainLogger:
@@ -269,7 +280,7 @@ def train_and_evaluate(
             f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
         )
     config = config_lib.validate(config)
-    prepare_workdir(config, workdir)
+    previous_config = prepare_workdir(config, workdir)
     if config.train.init_checkpoint and not checkpoint.has_checkpoint(workdir):
         initialize.resolve_checkpoint(config.train.init_checkpoint)  # Fail before the data.
     mesh = parallel.make_mesh(config.mesh)
@@ -301,7 +312,10 @@ def train_and_evaluate(
             prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
         )
     target = checkpoint.abstract_with_shardings(abstract, shardings)
-    restored = checkpoint.restore_latest_intact(manager, target, train_iter, report=_report)
+    try:
+        restored = checkpoint.restore_latest_intact(manager, target, train_iter, report=_report)
+    except ConfigError as error:
+        raise _state_mismatch(error, previous_config, config, workdir) from None
     if restored is not None:
         state, latest = restored
         writer.drop_after(latest)
@@ -330,6 +344,7 @@ def train_and_evaluate(
             shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
             print(f"eval step {step}: {shown}", file=sys.stderr)
 
+    bar = None
     try:
         if mode == "eval":
             run_eval(int(state.step))
@@ -386,11 +401,54 @@ def train_and_evaluate(
             run_eval(last)
         return results
     finally:
-        for open_manager in (manager, best_manager):
-            if open_manager is not None:
-                open_manager.wait_until_finished()
-                open_manager.close()
-        writer.close()
+        if bar is not None:
+            bar.close()  # So an error message starts on its own line.
+        try:
+            for open_manager in (manager, best_manager):
+                if open_manager is not None:
+                    open_manager.wait_until_finished()
+                    open_manager.close()
+        except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+            reason = " ".join(str(error).split())
+            reason = "No space left on device" if "No space left" in reason else reason[:160]
+            checkpoint.remove_unfinished(checkpoint.checkpoint_dir(workdir))
+            failure = WorkdirError(
+                f"saving a checkpoint in '{checkpoint.checkpoint_dir(workdir)}' failed "
+                f"({reason}); free space or fix the disk, then run again to resume from step "
+                f"{manager.latest_step()}"
+            )
+            if sys.exc_info()[1] is None or isinstance(sys.exc_info()[1], type(error)):
+                raise failure from None
+            _report(f"error: {failure}")  # Another error is already on its way out.
+        finally:
+            writer.close()
+
+
+def _state_mismatch(
+    error: ConfigError,
+    previous: dict | None,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+) -> ConfigError:
+    """Names the changed fields behind a checkpoint of another state structure.
+
+    The workdir's config.json is put back to the run's own, which this config must not replace.
+    """
+    if previous is None:
+        return error
+    changed = [
+        f"{section}.{field}={value!r} in the run, {config[section][field]!r} here"
+        for section in ("optimizer", "train")
+        for field, value in previous.get(section, {}).items()
+        if field in config[section] and config[section][field] != value
+    ]
+    if jax.process_index() == 0:
+        write_text_atomically(os.path.join(workdir, "config.json"), json.dumps(previous, indent=2))
+    return ConfigError(
+        f"the checkpoints hold another train state than this config builds ("
+        f"{'; '.join(changed) or 'see ' + str(error)}); resume with the run's config "
+        "(WORKDIR/config.json) or use a new --workdir"
+    )
 
 
 def _initialize_from(config: ml_collections.ConfigDict, workdir: str, state: Any) -> Any:

@@ -100,7 +100,8 @@ def workdir_vocab(
     """
     path = os.path.join(workdir, VOCAB_FILENAME)
     source = copy_from or config.data.vocab_file
-    if not os.path.exists(path):
+    created = not os.path.exists(path)
+    if created:
         if source:
             if not os.path.isfile(source):
                 raise DataError(
@@ -113,8 +114,11 @@ def workdir_vocab(
             train_wordpiece(train_files, config.model.vocab_size, config.data.lowercase, path)
     vocab = load_vocab(path, config.data.lowercase)
     if vocab.size > config.model.vocab_size:
+        if created:
+            os.remove(path)  # So a smaller vocab can be given next time.
+        named = "data.vocab_file" if source == config.data.vocab_file and source else "vocab"
         raise DataError(
-            f"vocab '{path}' has {vocab.size} tokens but model.vocab_size is "
+            f"{named} '{source or path}' has {vocab.size} tokens but model.vocab_size is "
             f"{config.model.vocab_size}; set --config.model.vocab_size={vocab.size} or use a "
             "smaller vocab"
         )
