@@ -32,15 +32,19 @@ port=${MLM_PORT:-$(
 xla_flags="${XLA_FLAGS:+$XLA_FLAGS }--xla_force_host_platform_device_count=$devices"
 
 # Copies stdin to stdout with "[$1] " at the start of every line and of every progress-bar
-# redraw (after a carriage return), as it arrives. Ctrl-C is left to the train processes.
+# redraw (after a carriage return). Only whole lines are written, each in one write, so the
+# processes' lines never interleave. Ctrl-C is left to the train processes.
 prefixer='import os, re, signal, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-tag, start = sys.argv[1].encode(), True
+tag, pending = sys.argv[1].encode(), b""
 while chunk := os.read(0, 65536):
-    body = re.sub(rb"\r(?!\n)|\n", lambda match: match.group() + tag, chunk[:-1])
-    sys.stdout.buffer.write((tag if start else b"") + body + chunk[-1:])
-    sys.stdout.buffer.flush()
-    start = chunk[-1:] in (b"\n", b"\r")'
+    pending += chunk
+    *lines, pending = re.split(rb"(?<=\r)(?!\n)|(?<=\n)", pending)
+    for line in lines:
+        if line:
+            os.write(1, tag + line)
+if pending:
+    os.write(1, tag + pending + b"\n")'
 
 pids=() # The train processes.
 stop_all() {
