@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlm.data import prepare as prepare_lib
-from mlm.data.corpus import read_documents
+from mlm.data.corpus import iter_file_documents, read_documents
 from mlm.data.prepared import load_prepared, prepared_documents
 from mlm.data.tokenizer import encode_documents, load_vocab
 from mlm.errors import ConfigError, DataError, WorkdirError
@@ -111,9 +111,7 @@ def test_split_file_ranges_cover_the_file_and_read_as_the_whole_file(corpus, tar
         assert ranges[0][0] == 0 and ranges[-1][1] == size
         assert [end for _, end in ranges[:-1]] == [start for start, _ in ranges[1:]]
         documents = [
-            document
-            for start, end in ranges
-            for document in prepare_lib.iter_range_documents(path, start, end)
+            document for start, end in ranges for document in iter_file_documents(path, start, end)
         ]
         assert documents == read_documents([path])
 
@@ -125,12 +123,12 @@ def test_split_file_cuts_a_big_file_and_keeps_one_without_blank_lines_whole(corp
     assert prepare_lib.split_file(empty, 10) == [(0, 0)]
 
 
-def test_iter_range_documents_names_the_file_line_of_bad_utf8_in_a_later_range(tmp_path):
+def test_a_later_byte_range_names_the_file_line_of_bad_utf8(tmp_path):
     path = write(tmp_path / "bad.txt", b"One.\nTwo.\n\nThree.\n\nFour \xff.\n", "wb")
     (start, end) = prepare_lib.split_file(path, 12)[-1]
     assert start > 0
     with pytest.raises(DataError, match=r"bad\.txt:6: not valid UTF-8"):
-        list(prepare_lib.iter_range_documents(path, start, end))
+        list(iter_file_documents(path, start, end))
 
 
 # -------------------------------------------------------------------------------- prepare

@@ -62,7 +62,7 @@ def read_documents(files: Sequence[str]) -> list[list[str]]:
         raise DataError("no text files given; set data.train_files to globs of text files")
     documents: list[list[str]] = []
     for path in files:
-        file_documents = list(_iter_file_documents(path))
+        file_documents = list(iter_file_documents(path))
         if not file_documents:
             raise DataError(
                 f"{path}: holds no sentences; write one sentence per line "
@@ -72,21 +72,36 @@ def read_documents(files: Sequence[str]) -> list[list[str]]:
     return documents
 
 
-def _iter_file_documents(path: str) -> Iterator[list[str]]:
-    """Yields the non-empty documents of one text file."""
+def iter_file_documents(path: str, start: int = 0, end: int | None = None) -> Iterator[list[str]]:
+    """Yields the non-empty documents of a text file, or of a byte range of it, streaming.
+
+    Args:
+      path: a UTF-8 text file in the BERT layout.
+      start: a line start (0, or right after a blank line) to read from.
+      end: where the range ends (a line start or the file size); None: the end of the file.
+
+    Yields:
+      Documents: lists of stripped, non-empty sentences.
+    """
     try:
         with open(path, "rb") as file:
+            file.seek(start)
+            position = start
             sentences: list[str] = []
-            for line_number, raw_line in enumerate(file, start=1):
+            lines_read = 0
+            while (end is None or position < end) and (raw_line := file.readline()):
+                lines_read += 1
                 try:
                     line = raw_line.decode("utf-8")
                 except UnicodeDecodeError as error:
+                    line_number = _line_number(path, start) + lines_read - 1
                     raise DataError(
                         f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
                         f"{error.start} of the line); re-encode the file as UTF-8"
                     ) from None
-                if line_number == 1:
+                if position == 0:
                     line = line.removeprefix("\ufeff")
+                position += len(raw_line)
                 line = line.strip()
                 if line:
                     sentences.append(line)
@@ -99,6 +114,16 @@ def _iter_file_documents(path: str) -> Iterator[list[str]]:
         raise DataError(
             f"{path}: cannot read ({error.strerror or error}); check the path and its permissions"
         ) from None
+
+
+def _line_number(path: str, offset: int) -> int:
+    """Returns the 1-based number of the line starting at byte ``offset`` of a file."""
+    newlines = 0
+    with open(path, "rb") as file:
+        while offset > 0 and (block := file.read(min(offset, 1 << 20))):
+            newlines += block.count(b"\n")
+            offset -= len(block)
+    return newlines + 1
 
 
 def write_text_atomically(path: str, text: str) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from mlm.data.corpus import _iter_file_documents
+from mlm.data.corpus import iter_file_documents
 from mlm.data.instances import SentencePair, pair_instances
 from mlm.data.masking import mask_sequence
 from mlm.data.pretraining_records import RecordWriter, serialize_example
@@ -116,7 +116,7 @@ def _check_options(
 
 def _document_blocks(files: Sequence[str], size: int) -> Iterator[list[list[str]]]:
     """Yields the documents of the files, in order, `size` at a time (the last block smaller)."""
-    documents = itertools.chain.from_iterable(_iter_file_documents(path) for path in files)
+    documents = itertools.chain.from_iterable(iter_file_documents(path) for path in files)
     while block := list(itertools.islice(documents, size)):
         yield block
 

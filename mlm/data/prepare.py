@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mlm.data.corpus import expand_globs, write_text_atomically
+from mlm.data.corpus import expand_globs, iter_file_documents, write_text_atomically
 from mlm.data.prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -131,60 +131,6 @@ def _is_blank(raw_line: bytes) -> bool:
     return not raw_line.decode("utf-8", "replace").strip()
 
 
-def iter_range_documents(path: str, start: int, end: int) -> Iterator[list[str]]:
-    """Yields the non-empty documents of a byte range of a file, as `read_documents` reads them.
-
-    Args:
-      path: a UTF-8 text file in the BERT layout.
-      start: a line start (0, or right after a blank line).
-      end: where the range ends (a line start or the file size).
-
-    Yields:
-      Documents: lists of stripped, non-empty sentences.
-    """
-    try:
-        with open(path, "rb") as file:
-            file.seek(start)
-            position = start
-            sentences: list[str] = []
-            lines_read = 0
-            while position < end and (raw_line := file.readline()):
-                lines_read += 1
-                try:
-                    line = raw_line.decode("utf-8")
-                except UnicodeDecodeError as error:
-                    line_number = _line_number(path, start) + lines_read - 1
-                    raise DataError(
-                        f"{path}:{line_number}: not valid UTF-8 ({error.reason} at byte "
-                        f"{error.start} of the line); re-encode the file as UTF-8"
-                    ) from None
-                if position == 0:
-                    line = line.removeprefix("\ufeff")
-                position += len(raw_line)
-                line = line.strip()
-                if line:
-                    sentences.append(line)
-                elif sentences:
-                    yield sentences
-                    sentences = []
-            if sentences:
-                yield sentences
-    except OSError as error:
-        raise DataError(
-            f"{path}: cannot read ({error.strerror or error}); check the path and its permissions"
-        ) from None
-
-
-def _line_number(path: str, offset: int) -> int:
-    """Returns the 1-based number of the line starting at byte ``offset`` of a file."""
-    newlines = 0
-    with open(path, "rb") as file:
-        while offset > 0 and (block := file.read(min(offset, 1 << 20))):
-            newlines += block.count(b"\n")
-            offset -= len(block)
-    return newlines + 1
-
-
 def _file_size(path: str) -> int:
     try:
         return os.path.getsize(path)
@@ -235,7 +181,7 @@ def tokenize_task(vocab: Vocab, task: Task, dtype: np.dtype) -> TaskResult:
 
     batch: list[list[str]] = []
     batch_sentences = 0
-    for document in iter_range_documents(task.path, task.start, task.end):
+    for document in iter_file_documents(task.path, task.start, task.end):
         counts["text_documents"] += 1
         batch.append(document)
         batch_sentences += len(document)
