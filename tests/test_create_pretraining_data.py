@@ -9,6 +9,7 @@ import pytest
 
 from mlm.data import create_pretraining_data as cpd
 from mlm.data import pretraining_records as records
+from mlm.data.corpus import expand_globs
 from mlm.data.masking import num_to_predict
 from mlm.data.tfrecord_source import TFRecordDataSource
 from mlm.data.tokenizer import encode_sentences, load_vocab, train_wordpiece
@@ -253,7 +254,7 @@ def test_bad_options_and_inputs_are_one_line_errors(corpus, vocab, tmp_path):
         create(corpus, vocab, tmp_path, ("x.tfrecord",), [str(blank)])
     assert sorted(os.listdir(tmp_path)) == ["blank.txt", "latin1.txt"]  # No output, no .tmp.
     with pytest.raises(DataError, match="--input_file: no file matches '.*nothing"):
-        cpd.expand_input_globs(f"{corpus['files'][0]},{tmp_path}/nothing*.txt")
+        expand_globs(f"{corpus['files'][0]},{tmp_path}/nothing*.txt", "--input_file", "")
 
 
 def run_cli(*args):

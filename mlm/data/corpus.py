@@ -14,12 +14,18 @@ from collections.abc import Iterator, Sequence
 from mlm.errors import DataError, WorkdirError
 
 
-def expand_globs(patterns: str, field: str = "data.train_files") -> list[str]:
+def expand_globs(
+    patterns: str,
+    field: str = "data.train_files",
+    alternative: str = " or leave it empty for the built-in corpus",
+) -> list[str]:
     """Expands comma-separated globs into the sorted list of matching files.
 
     Args:
       patterns: comma-separated globs, e.g. ``"corpus/*.txt,extra/**/*.txt"``.
-      field: the config field the globs come from, named in error messages.
+      field: the config field or flag the globs come from, named in error messages.
+      alternative: appended to the fix the error messages suggest (command-line tools, which
+        have no built-in corpus, pass "").
 
     Returns:
       The sorted, de-duplicated paths of the matching files.
@@ -27,8 +33,7 @@ def expand_globs(patterns: str, field: str = "data.train_files") -> list[str]:
     globs = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
     if not globs:
         raise DataError(
-            f"{field}: no glob given; set comma-separated globs of text files "
-            "or leave it empty for the built-in corpus"
+            f"{field}: no glob given; set comma-separated globs of text files{alternative}"
         )
     files: set[str] = set()
     for pattern in globs:
@@ -38,10 +43,7 @@ def expand_globs(patterns: str, field: str = "data.train_files") -> list[str]:
             if os.path.isfile(path)
         ]
         if not matches:
-            raise DataError(
-                f"{field}: no file matches {pattern!r}; check the glob "
-                "or leave it empty for the built-in corpus"
-            )
+            raise DataError(f"{field}: no file matches {pattern!r}; check the glob{alternative}")
         files.update(matches)
     return sorted(files)
 

@@ -20,7 +20,6 @@ Run:
 
 from __future__ import annotations
 
-import glob
 import itertools
 import os
 import sys
@@ -31,7 +30,7 @@ from typing import Any
 import numpy as np
 import tqdm
 
-from mlm.data.corpus import iter_file_documents
+from mlm.data.corpus import expand_globs, iter_file_documents
 from mlm.data.instances import SentencePair, pair_instances
 from mlm.data.masking import mask_sequence
 from mlm.data.pretraining_records import RecordWriter, serialize_example
@@ -39,34 +38,6 @@ from mlm.data.tokenizer import Vocab, encode_documents, load_vocab
 from mlm.errors import ConfigError, DataError, MlmError
 
 DOCUMENTS_PER_BLOCK = 10_000
-
-
-def expand_input_globs(patterns: str) -> list[str]:
-    """Expands `--input_file`'s comma-separated globs into sorted files.
-
-    Args:
-      patterns: e.g. "corpus/*.txt,extra/**/*.txt".
-
-    Returns:
-      The sorted, de-duplicated matching files.
-    """
-    globs = [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]
-    if not globs:
-        raise DataError("--input_file: no glob given; pass comma-separated globs of text files")
-    files: set[str] = set()
-    for pattern in globs:
-        matches = [
-            path
-            for path in glob.glob(os.path.expanduser(pattern), recursive=True)
-            if os.path.isfile(path)
-        ]
-        if not matches:
-            raise DataError(
-                f"--input_file: no file matches {pattern!r}; check the glob (one sentence per "
-                "line, a blank line between documents)"
-            )
-        files.update(matches)
-    return sorted(files)
 
 
 def _check_options(
@@ -333,7 +304,11 @@ def run() -> None:
     def main(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-        input_files = expand_input_globs(values.input_file)
+        input_files = expand_globs(
+            values.input_file,
+            "--input_file",
+            "the layout (one sentence per line, a blank line between documents)",
+        )
         if not os.path.isfile(values.vocab_file):
             raise DataError(
                 f"--vocab_file: {values.vocab_file} does not exist; give the BERT vocab.txt of "

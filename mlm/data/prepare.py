@@ -514,9 +514,9 @@ def run() -> None:
 
     def main(argv: list[str]) -> None:
         del argv
-        eval_files = expand_globs(eval_flag.value, "--eval_input") if eval_flag.value else []
+        eval_files = expand_globs(eval_flag.value, "--eval_input", "") if eval_flag.value else []
         metadata = prepare(
-            expand_globs(input_flag.value, "--input"),
+            expand_globs(input_flag.value, "--input", ""),
             output_flag.value,
             eval_files=eval_files,
             vocab_file=vocab_file_flag.value,
