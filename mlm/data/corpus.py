@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from mlm.errors import DataError, WorkdirError
 
@@ -128,12 +128,13 @@ def _line_number(path: str, offset: int) -> int:
     return newlines + 1
 
 
-def write_text_atomically(path: str, text: str) -> None:
+def write_text_atomically(path: str, text: str | Iterable[str]) -> None:
     """Writes UTF-8 text to ``path`` through a temporary file and ``os.replace``.
 
     Args:
       path: the file to write; its directory must exist.
-      text: the content, written with ``\\n`` line ends.
+      text: the content, written with ``\\n`` line ends; or an iterable of pieces, written as
+        they come (for text too big to hold). An error while iterating leaves ``path`` as it was.
     """
     directory = os.path.dirname(path) or "."
     try:
@@ -147,7 +148,7 @@ def write_text_atomically(path: str, text: str) -> None:
         ) from None
     try:
         with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
+            file.writelines([text] if isinstance(text, str) else text)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(temporary_path, 0o666 & ~umask)  # mkstemp's 0600 would hide it from others.

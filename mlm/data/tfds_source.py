@@ -19,18 +19,18 @@ importing this module costs nothing when no TFDS source is configured.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from mlm.data.builtin_corpus import split_sentences
+from mlm.data.corpus import write_text_atomically
 from mlm.data.instances import Document
 from mlm.data.tfrecord_source import TFRecordDataSource
 from mlm.data.tokenizer import Vocab, encode_sentences
-from mlm.errors import ConfigError, DataError, WorkdirError
+from mlm.errors import ConfigError, DataError
 
 DEFAULT_TEXT_FIELD = "text"
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
@@ -363,36 +363,19 @@ def write_vocab_sample(
     if max_documents < 1:
         raise ConfigError(f"max_documents={max_documents}: must be at least 1")
     source = tfds_text_source(name, split, data_dir=data_dir, text_field=text_field)
-    directory = os.path.dirname(out_path) or "."
-    try:
-        file_descriptor, temporary_path = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(out_path)}.", suffix=".tmp"
-        )
-    except OSError as error:
-        raise WorkdirError(
-            f"{directory}: cannot write {os.path.basename(out_path)} ({error.strerror or error}); "
-            "choose a writable workdir"
-        ) from None
-    written = 0
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as file:
-            for index in range(min(max_documents, len(source))):
-                sentences = text_to_sentences(source[index])
-                if sentences:
-                    file.write(("\n" if written else "") + "\n".join(sentences) + "\n")
-                    written += 1
+
+    def pieces() -> Iterator[str]:
+        written = 0
+        for index in range(min(max_documents, len(source))):
+            sentences = text_to_sentences(source[index])
+            if sentences:
+                yield ("\n" if written else "") + "\n".join(sentences) + "\n"
+                written += 1
         if not written:
             raise DataError(
                 f"TFDS dataset {name} split {split!r}: the first {max_documents} documents hold "
                 f"no sentences in {text_field!r}; check data.text_field"
             )
-        os.replace(temporary_path, out_path)
-    except BaseException as error:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        if isinstance(error, OSError):
-            raise WorkdirError(
-                f"{out_path}: cannot write ({error.strerror or error}); choose a writable workdir"
-            ) from None
-        raise
+
+    write_text_atomically(out_path, pieces())
     return out_path
