@@ -36,7 +36,10 @@ _FREE_FIELDS = ("data.prefetch_batches",)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
-    """Creates the workdir, checks it is writable and consistent, and writes `config.json`.
+    """Creates the workdir and checks it is writable and consistent with `config`.
+
+    `config.json` is written by `write_config` once the state is restored or created, so a
+    config the checkpoints refuse never replaces the run's own.
 
     Args:
       config: the validated config.
@@ -86,9 +89,13 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | N
                         f"{previous[section][field]!r}, this config has {value!r}; use a new "
                         "--workdir or the same config"
                     )
-    if jax.process_index() == 0:
-        write_text_atomically(path, config_lib.to_json(config))
     return previous
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the run's `config.json` (process 0)."""
+    if jax.process_index() == 0:
+        write_text_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(config))
 
 
 class _TrainLogger:
@@ -315,7 +322,7 @@ def train_and_evaluate(
     try:
         restored = checkpoint.restore_latest_intact(manager, target, train_iter, report=_report)
     except ConfigError as error:
-        raise _state_mismatch(error, previous_config, config, workdir) from None
+        raise _state_mismatch(error, previous_config, config) from None
     if restored is not None:
         state, latest = restored
         writer.drop_after(latest)
@@ -326,6 +333,7 @@ def train_and_evaluate(
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
         if config.train.init_checkpoint:
             state = _initialize_from(config, workdir, state)
+    write_config(config, workdir)
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
     if inputs.eval is None and mode != "train" and jax.process_index() == 0:
         print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
@@ -428,12 +436,8 @@ def _state_mismatch(
     error: ConfigError,
     previous: dict | None,
     config: ml_collections.ConfigDict,
-    workdir: str,
 ) -> ConfigError:
-    """Names the changed fields behind a checkpoint of another state structure.
-
-    The workdir's config.json is put back to the run's own, which this config must not replace.
-    """
+    """Names the changed fields behind a checkpoint of another state structure."""
     if previous is None:
         return error
     changed = [
@@ -442,8 +446,6 @@ def _state_mismatch(
         for field, value in previous.get(section, {}).items()
         if field in config[section] and config[section][field] != value
     ]
-    if jax.process_index() == 0:
-        write_text_atomically(os.path.join(workdir, "config.json"), json.dumps(previous, indent=2))
     return ConfigError(
         f"the checkpoints hold another train state than this config builds ("
         f"{'; '.join(changed) or 'see ' + str(error)}); resume with the run's config "

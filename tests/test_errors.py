@@ -625,6 +625,8 @@ def test_changed_optimizer_structure_is_refused_before_any_restore(text_copy):
     config = text_config()
     config.optimizer.clip_norm = 0.0
     fails_leaving_checkpoints(ConfigError, r"optimizer\.clip_norm", config)
+    with open(os.path.join(WORKDIR, "config.json")) as file:
+        assert json.load(file)["optimizer"]["clip_norm"] == 1.0  # Still the run's own.
 
 
 def test_full_workdir_at_the_start(text_copy, tmp_path):
