@@ -19,6 +19,9 @@ import ml_collections
 from mlm.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# Feed-forward and MLM-head activations: GELU with the tanh approximation (original BERT, Model
+# Garden) or the exact erf form (Hugging Face's "gelu").
+ACTIVATIONS = ("gelu_tanh", "gelu")
 OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
 # Eval metrics a best checkpoint can be chosen by.
@@ -55,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
             dropout_rate=0.1,
             attention_dropout_rate=0.1,
             dtype="float32",
+            # "gelu_tanh" (original BERT) or "gelu" (exact erf; Hugging Face BERT checkpoints).
+            activation="gelu_tanh",
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -244,6 +249,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(
         model.dtype in COMPUTE_DTYPES,
         f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{model.dtype}'",
+    )
+    _require(
+        model.activation in ACTIVATIONS,
+        f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{model.activation}'",
     )
     for name in ("dropout_rate", "attention_dropout_rate"):
         _require(0.0 <= model[name] < 1.0, f"model.{name} must be in [0, 1), got {model[name]}")

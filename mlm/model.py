@@ -21,6 +21,11 @@ kernel_init = nn.initializers.truncated_normal(INITIALIZER_STDDEV)
 layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32)
 dense = functools.partial(nn.Dense, param_dtype=jnp.float32, kernel_init=kernel_init)
 dense_general = functools.partial(nn.DenseGeneral, param_dtype=jnp.float32, kernel_init=kernel_init)
+# model.activation -> function: original BERT's tanh approximation, or the exact erf GELU.
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(nn.gelu, approximate=True),
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -132,7 +137,7 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 gelu(W1 x)))."""
+    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 act(W1 x))); act is a GELU."""
 
     hidden_size: int
     num_heads: int
@@ -140,6 +145,7 @@ class TransformerLayer(nn.Module):
     dropout_rate: float
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
@@ -155,7 +161,7 @@ class TransformerLayer(nn.Module):
         x = layer_norm(name="attention_layer_norm")(x + dropout(attended))
         hidden = dense(self.intermediate_size, dtype=self.dtype, name="intermediate")(x)
         hidden = dense(self.hidden_size, dtype=self.dtype, name="output")(
-            nn.gelu(hidden, approximate=True)
+            ACTIVATIONS[self.activation](hidden)
         )
         return layer_norm(name="output_layer_norm")(x + dropout(hidden))
 
@@ -173,6 +179,7 @@ class Encoder(nn.Module):
     dropout_rate: float
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     def setup(self) -> None:
         embed = functools.partial(nn.Embed, features=self.hidden_size, embedding_init=kernel_init)
@@ -189,6 +196,7 @@ class Encoder(nn.Module):
                 self.dropout_rate,
                 self.attention_dropout_rate,
                 dtype=self.dtype,
+                activation=self.activation,
                 name=f"layer_{i}",
             )
             for i in range(self.num_layers)
@@ -238,6 +246,7 @@ class MaskedLMHead(nn.Module):
     hidden_size: int
     vocab_size: int
     dtype: jnp.dtype = jnp.float32
+    activation: str = "gelu_tanh"
 
     @nn.compact
     def __call__(
@@ -249,7 +258,7 @@ class MaskedLMHead(nn.Module):
         """
         x = jnp.take_along_axis(sequence_output, positions[:, :, None], axis=1)
         x = dense(self.hidden_size, dtype=self.dtype, name="dense")(x)
-        x = layer_norm(name="layer_norm")(nn.gelu(x, approximate=True))
+        x = layer_norm(name="layer_norm")(ACTIVATIONS[self.activation](x))
         logits = jnp.einsum(
             "bph,vh->bpv",
             x.astype(self.dtype),
@@ -288,6 +297,7 @@ class BertForPreTraining(nn.Module):
     attention_dropout_rate: float = 0.1
     dtype: jnp.dtype = jnp.float32
     use_next_sentence: bool = False
+    activation: str = "gelu_tanh"
 
     def setup(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -306,8 +316,11 @@ class BertForPreTraining(nn.Module):
             self.dropout_rate,
             self.attention_dropout_rate,
             dtype=self.dtype,
+            activation=self.activation,
         )
-        self.mlm_head = MaskedLMHead(self.hidden_size, self.vocab_size, dtype=self.dtype)
+        self.mlm_head = MaskedLMHead(
+            self.hidden_size, self.vocab_size, dtype=self.dtype, activation=self.activation
+        )
         if self.use_next_sentence:
             self.nsp_head = NextSentenceHead(self.hidden_size, dtype=self.dtype)
 

@@ -65,6 +65,7 @@ def test_int_for_float_field_is_converted():
     [
         ("model", "num_heads", 7, "divisible by model.num_heads"),
         ("model", "dtype", "float16", "model.dtype must be one of"),
+        ("model", "activation", "relu", "model.activation must be one of"),
         ("data", "seq_length", 1024, "max_position_embeddings"),
         ("data", "max_predictions_per_seq", 0, "max_predictions_per_seq"),
         ("data", "masking_rate", 1.5, "masking_rate"),
