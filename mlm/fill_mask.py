@@ -135,16 +135,18 @@ def fill_mask(predictor: Predictor, text: str, top_k: int = 5) -> list[list[tupl
       top_k: candidates per mask.
 
     Returns:
-      For each mask, in order, the top_k (token, probability) pairs, most likely first.
+      For each mask, in order, the top_k (token, probability) pairs, most likely first. The
+      probability is the model's softmax over its whole vocabulary, as transformers' fill-mask
+      pipeline reports it; special tokens ([PAD], [CLS], [unused0], ...) are not offered.
     """
     batch = encode_masked_text(text, predictor.vocab, predictor.config.data.seq_length)
     logits = np.asarray(predictor.infer(predictor.params, batch)["mlm_logits"][0], np.float64)
-    logits = logits[:, : predictor.vocab.size]
-    logits[:, predictor.vocab.special_ids] = -np.inf
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
+    candidates = probs[:, : predictor.vocab.size].copy()
+    candidates[:, predictor.vocab.special_ids] = -1.0
     results = []
-    for row in probs:
+    for row in candidates:
         best = np.argsort(-row, kind="stable")[:top_k]
         results.append([(predictor.vocab.tokens[i], float(row[i])) for i in best])
     return results
