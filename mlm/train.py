@@ -33,9 +33,19 @@ from mlm.preemption import PreemptionWatcher
 # except fields that change neither the model nor the batches.
 _FIXED_SECTIONS = ("model", "data")
 _FREE_FIELDS = ("data.prefetch_batches",)
+# Evaluation may read other data; only the data fields that shape the model or its tokens stay.
+_EVAL_FIXED_DATA = ("data.lowercase", "data.use_next_sentence_label")
 
 
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | None:
+def _is_fixed(name: str, mode: str) -> bool:
+    if name.startswith("data.") and mode == "eval":
+        return name in _EVAL_FIXED_DATA
+    return name not in _FREE_FIELDS
+
+
+def prepare_workdir(
+    config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_eval"
+) -> dict | None:
     """Creates the workdir and checks it is writable and consistent with `config`.
 
     `config.json` is written by `write_config` once the state is restored or created, so a
@@ -44,6 +54,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | N
     Args:
       config: the validated config.
       workdir: the run directory.
+      mode: `eval` lets the data fields differ, except those that shape the model or its tokens.
 
     Returns:
       The config.json of the run that wrote the workdir's checkpoints, or None.
@@ -81,7 +92,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> dict | N
         current = config.to_dict()
         for section in _FIXED_SECTIONS:
             for field, value in current[section].items():
-                if f"{section}.{field}" in _FREE_FIELDS:
+                if not _is_fixed(f"{section}.{field}", mode):
                     continue
                 if section in previous and previous[section].get(field, value) != value:
                     raise WorkdirError(
@@ -287,7 +298,7 @@ def train_and_evaluate(
             f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
         )
     config = config_lib.validate(config)
-    previous_config = prepare_workdir(config, workdir)
+    previous_config = prepare_workdir(config, workdir, mode)
     if config.train.init_checkpoint and not checkpoint.has_checkpoint(workdir):
         initialize.resolve_checkpoint(config.train.init_checkpoint)  # Fail before the data.
     mesh = parallel.make_mesh(config.mesh)
@@ -333,7 +344,8 @@ def train_and_evaluate(
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
         if config.train.init_checkpoint:
             state = _initialize_from(config, workdir, state)
-    write_config(config, workdir)
+    if mode != "eval":  # An evaluation leaves the run's config.json as it is.
+        write_config(config, workdir)
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
     if inputs.eval is None and mode != "train" and jax.process_index() == 0:
         print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
