@@ -1,0 +1,324 @@
+"""Convert BERT checkpoints to and from mlm workdirs: `python -m mlm.convert`.
+
+Run:
+  python -m mlm.convert --from hf --input bert-base-uncased/ --output runs/bert_base_uncased
+  python -m mlm.convert --from tf-bert --input uncased_L-12_H-768_A-12/bert_model.ckpt \
+      --output runs/bert_base_tf
+  python -m mlm.convert --to hf --input runs/my_run --output exported/my_bert
+
+`--from` writes an mlm workdir (config.json, vocab.txt, checkpoints/0) that `mlm.fill_mask`,
+`mlm.train --mode eval` and `train.init_checkpoint` accept; `--to hf` writes a directory that
+`transformers.BertForMaskedLM` (or `BertForPreTraining`, with the next-sentence head) and
+`AutoTokenizer` load with `from_pretrained`. Weights move by transpose and reshape only, so a
+round trip gives back every tensor bit for bit. The output is written to a temporary sibling
+directory and renamed into place when complete; an existing non-empty output is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mlm import checkpoint, task
+from mlm import config as config_lib
+from mlm.data.corpus import write_text_atomically
+from mlm.data.inputs import VOCAB_FILENAME
+from mlm.data.tokenizer import load_vocab
+from mlm.errors import ConfigError, DataError, MlmError
+from mlm.interop import hf, layout, tf_bert
+from mlm.optim import create_optimizer
+
+SOURCES = ("hf", "tf-bert")
+TARGETS = ("hf",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """What a conversion wrote.
+
+    Attributes:
+      output: the directory written.
+      num_tensors: tensors converted.
+      num_parameters: their total number of elements.
+      next_sentence: the model has the next-sentence head.
+      left_out: source tensors not converted (heads of other tasks and the like).
+    """
+
+    output: str
+    num_tensors: int
+    num_parameters: int
+    next_sentence: bool
+    left_out: list[str]
+
+    def summary(self) -> str:
+        """One line for the console."""
+        head = "with" if self.next_sentence else "without"
+        line = (
+            f"wrote {self.output}: {self.num_tensors} tensors, {self.num_parameters:,} "
+            f"parameters, {head} the next-sentence head"
+        )
+        if self.left_out:
+            line += f"; left out {len(self.left_out)}: {', '.join(self.left_out[:5])}"
+            line += " ..." if len(self.left_out) > 5 else ""
+        return line
+
+
+def _write_into_place(output: str, write: Callable[[str], None]) -> None:
+    """Runs `write(directory)` on a temporary sibling of `output`, then renames it to `output`.
+
+    Raises:
+      ConfigError: `output` exists and is not an empty directory, or cannot be created.
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConfigError(f"--output '{output}' exists and is not empty; give a new directory")
+    parent = os.path.dirname(output)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    except OSError as error:
+        raise ConfigError(
+            f"--output '{output}' cannot be created ({error.strerror}); give a writable path"
+        ) from None
+    try:
+        write(staging)
+        if os.path.isdir(output):
+            os.rmdir(output)
+        os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def mlm_config(
+    fields: Mapping[str, Any], next_sentence: bool, lowercase: bool
+) -> ml_collections.ConfigDict:
+    """The config of a converted workdir: the defaults, with the checkpoint's model fields.
+
+    Args:
+      fields: `layout.model_fields`.
+      next_sentence: the model has the next-sentence head.
+      lowercase: the vocab is uncased.
+
+    Returns:
+      A validated config.
+    """
+    config = config_lib.base_config()
+    for name, value in fields.items():
+        config.model[name] = type(config.model[name])(value)
+    config.data.lowercase = lowercase
+    config.data.use_next_sentence_label = next_sentence
+    config.data.seq_length = min(config.data.seq_length, config.model.max_position_embeddings)
+    return config_lib.validate(config)
+
+
+def _check_shapes(params: Any, abstract_params: Any, where: str) -> None:
+    expected = {path: leaf.shape for path, leaf in layout.flatten(abstract_params)}
+    for path, array in layout.flatten(params):
+        if array.shape != expected[path]:
+            raise DataError(
+                f"{where}: '{'/'.join(path)}' has shape {array.shape} but its config gives "
+                f"{expected[path]}; the weights and the config belong to different models"
+            )
+
+
+def write_workdir(
+    output: str,
+    config: ml_collections.ConfigDict,
+    params: Any,
+    vocab_text: str,
+    where: str,
+) -> None:
+    """Writes an mlm workdir at step 0: config.json, vocab.txt and a checkpoint of the state.
+
+    The state is what `mlm.train` would create with these params: a fresh optimizer state (zero
+    moments), step 0 and the config's seed.
+
+    Args:
+      output: the new workdir (must not exist, or be empty).
+      config: from `mlm_config`.
+      params: the params tree (numpy float32).
+      vocab_text: vocab.txt's content.
+      where: the source, for error messages.
+    """
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    abstract = jax.eval_shape(task.state_initializer(config, model, tx), jax.random.PRNGKey(0))
+    _check_shapes(params, abstract.params, where)
+    params = jax.tree.map(jnp.asarray, params)
+    state = task.TaskState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=jax.random.PRNGKey(config.train.seed),
+    )
+
+    def write(directory: str) -> None:
+        vocab_path = os.path.join(directory, VOCAB_FILENAME)
+        write_text_atomically(vocab_path, vocab_text)
+        vocab = load_vocab(vocab_path, config.data.lowercase)
+        if vocab.size > config.model.vocab_size:
+            raise DataError(
+                f"{where}: the vocab has {vocab.size} tokens, more than vocab_size "
+                f"{config.model.vocab_size}; the vocab and the weights do not belong together"
+            )
+        manager = checkpoint.make_manager(checkpoint.checkpoint_dir(directory), keep=1)
+        try:
+            checkpoint.save(manager, 0, state, None, config.to_dict())
+            manager.wait_until_finished()
+        finally:
+            manager.close()
+        write_text_atomically(os.path.join(directory, "config.json"), config_lib.to_json(config))
+
+    _write_into_place(output, write)
+
+
+def _count(params: Any) -> tuple[int, int]:
+    leaves = [leaf for _, leaf in layout.flatten(params)]
+    return len(leaves), int(sum(np.size(leaf) for leaf in leaves))
+
+
+def from_hf(input_dir: str, output: str, lowercase: bool | None = None) -> Converted:
+    """Converts a Hugging Face BertForMaskedLM / BertForPreTraining directory to an mlm workdir.
+
+    Args:
+      input_dir: holds config.json, model.safetensors (or pytorch_model.bin) and vocab.txt (or
+        tokenizer.json).
+      output: the new workdir.
+      lowercase: the vocab is uncased; None reads tokenizer_config.json's do_lower_case.
+
+    Returns:
+      What was written.
+    """
+    if not os.path.isdir(input_dir):
+        raise ConfigError(f"--input '{input_dir}' is not a directory; give a model directory")
+    config_path = os.path.join(input_dir, hf.CONFIG_FILENAME)
+    fields = layout.model_fields(hf.read_json(config_path), layout.HF_ACTIVATIONS, config_path)
+    tensors = hf.read_tensors(input_dir)
+    params, left_out = layout.params_from_hf(tensors, fields, input_dir)
+    next_sentence = "nsp_head" in params
+    if lowercase is None:
+        lowercase = hf.read_lowercase(input_dir)
+    config = mlm_config(fields, next_sentence, lowercase)
+    write_workdir(output, config, params, hf.read_vocab(input_dir), input_dir)
+    return Converted(os.path.abspath(output), *_count(params), next_sentence, left_out)
+
+
+def from_tf_bert(
+    prefix: str,
+    output: str,
+    bert_config: str = "",
+    vocab: str = "",
+    lowercase: bool | None = None,
+) -> Converted:
+    """Converts an original google-research/bert checkpoint to an mlm workdir.
+
+    Args:
+      prefix: the checkpoint prefix (`.../bert_model.ckpt`).
+      output: the new workdir.
+      bert_config: its bert_config.json; empty: the one next to the checkpoint.
+      vocab: its vocab.txt; empty: the one next to the checkpoint.
+      lowercase: the vocab is uncased; None: True (the release's `uncased_*` models), unless the
+        directory name says `cased_`.
+
+    Returns:
+      What was written.
+    """
+    config_path = tf_bert.release_file(prefix, bert_config, tf_bert.CONFIG_FILENAME)
+    vocab_path = tf_bert.release_file(prefix, vocab, tf_bert.VOCAB_FILENAME)
+    fields = layout.model_fields(hf.read_json(config_path), layout.TF_BERT_ACTIVATIONS, config_path)
+    if not os.path.isfile(vocab_path):
+        raise ConfigError(f"vocab '{vocab_path}' not found; pass --vocab PATH/vocab.txt")
+    variables = tf_bert.read_checkpoint(prefix)
+    tensors, left_out = layout.hf_from_tf_bert(variables, fields["num_layers"], prefix)
+    params, _ = layout.params_from_hf(tensors, fields, prefix)
+    next_sentence = "nsp_head" in params
+    if lowercase is None:
+        release = os.path.basename(os.path.dirname(os.path.abspath(prefix)))
+        lowercase = not release.startswith("cased_")
+    config = mlm_config(fields, next_sentence, lowercase)
+    with open(vocab_path, encoding="utf-8") as file:
+        vocab_text = file.read()
+    write_workdir(output, config, params, vocab_text, prefix)
+    return Converted(os.path.abspath(output), *_count(params), next_sentence, left_out)
+
+
+def to_hf(workdir: str, output: str) -> Converted:
+    """Exports the latest checkpoint of an mlm workdir as a Hugging Face model directory.
+
+    Args:
+      workdir: written by `mlm.train` (or `--from`).
+      output: the new directory.
+
+    Returns:
+      What was written.
+    """
+    from mlm.fill_mask import load_predictor  # The predictor loads exactly what eval uses.
+
+    predictor = load_predictor(workdir)
+    fields = predictor.config.model.to_dict()
+    params = jax.device_get(predictor.params)
+    tensors = layout.hf_from_params(params, fields["num_layers"])
+    next_sentence = "nsp_head" in params
+    hf_config = layout.hf_bert_config(fields, next_sentence, predictor.vocab.pad_id)
+    with open(os.path.join(workdir, VOCAB_FILENAME), encoding="utf-8") as file:
+        vocab_text = file.read()
+    _write_into_place(
+        output,
+        lambda directory: hf.write_model_dir(
+            directory, hf_config, tensors, vocab_text, predictor.config.data.lowercase
+        ),
+    )
+    return Converted(os.path.abspath(output), *_count(params), next_sentence, [])
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (2 with a one-line error on bad input)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    direction = parser.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from", dest="source", choices=SOURCES, help="convert into mlm")
+    direction.add_argument("--to", dest="target", choices=TARGETS, help="export an mlm workdir")
+    parser.add_argument("--input", required=True, help="model dir, checkpoint prefix or workdir")
+    parser.add_argument("--output", required=True, help="the new directory")
+    parser.add_argument("--bert_config", default="", help="tf-bert: bert_config.json")
+    parser.add_argument("--vocab", default="", help="tf-bert: vocab.txt")
+    parser.add_argument(
+        "--lowercase", type=_parse_bool, default=None, help="the vocab is uncased (true/false)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.source == "hf":
+            converted = from_hf(args.input, args.output, args.lowercase)
+        elif args.source == "tf-bert":
+            converted = from_tf_bert(
+                args.input, args.output, args.bert_config, args.vocab, args.lowercase
+            )
+        else:
+            converted = to_hf(args.input, args.output)
+    except MlmError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(converted.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

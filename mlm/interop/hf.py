@@ -1,0 +1,192 @@
+"""Hugging Face BERT model directories: config.json, weights (safetensors or pytorch_model.bin)
+and the WordPiece vocab, read into numpy and written back without transformers or torch.
+
+Reading `pytorch_model.bin` needs torch (`pip install 'mlm[interop]'`); safetensors do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from mlm.data.tokenizer import (
+    CLS_TOKEN,
+    MASK_TOKEN,
+    PAD_TOKEN,
+    SEP_TOKEN,
+    UNK_TOKEN,
+)
+from mlm.errors import DataError
+
+CONFIG_FILENAME = "config.json"
+SAFETENSORS_FILENAME = "model.safetensors"
+SAFETENSORS_INDEX_FILENAME = "model.safetensors.index.json"
+TORCH_FILENAME = "pytorch_model.bin"
+VOCAB_FILENAME = "vocab.txt"
+TOKENIZER_FILENAME = "tokenizer.json"
+TOKENIZER_CONFIG_FILENAME = "tokenizer_config.json"
+SPECIAL_TOKENS_FILENAME = "special_tokens_map.json"
+_SPECIAL_TOKENS = {
+    "unk_token": UNK_TOKEN,
+    "sep_token": SEP_TOKEN,
+    "pad_token": PAD_TOKEN,
+    "cls_token": CLS_TOKEN,
+    "mask_token": MASK_TOKEN,
+}
+
+
+def read_json(path: str) -> dict[str, Any]:
+    """Reads a JSON object file.
+
+    Raises:
+      DataError: missing, unreadable or not a JSON object.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except FileNotFoundError:
+        raise DataError(f"'{path}' not found") from None
+    except (OSError, ValueError) as error:
+        raise DataError(f"'{path}' cannot be read as JSON ({error})") from None
+    if not isinstance(content, dict):
+        raise DataError(f"'{path}' is not a JSON object")
+    return content
+
+
+def read_tensors(model_dir: str) -> dict[str, np.ndarray]:
+    """Reads a model directory's weights: model.safetensors, its sharded index, or the .bin.
+
+    Args:
+      model_dir: a Hugging Face model directory.
+
+    Returns:
+      state-dict key -> numpy array.
+
+    Raises:
+      DataError: no weights file, an unreadable one, or a .bin without torch installed.
+    """
+    single = os.path.join(model_dir, SAFETENSORS_FILENAME)
+    index = os.path.join(model_dir, SAFETENSORS_INDEX_FILENAME)
+    torch_file = os.path.join(model_dir, TORCH_FILENAME)
+    if os.path.isfile(single):
+        return _read_safetensors([single])
+    if os.path.isfile(index):
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        return _read_safetensors([os.path.join(model_dir, shard) for shard in shards])
+    if os.path.isfile(torch_file):
+        return _read_torch(torch_file)
+    raise DataError(
+        f"'{model_dir}' holds no {SAFETENSORS_FILENAME}, {SAFETENSORS_INDEX_FILENAME} or "
+        f"{TORCH_FILENAME}; give a directory written by save_pretrained"
+    )
+
+
+def _read_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {}
+    for path in paths:
+        try:
+            with safetensors.safe_open(path, framework="np") as file:
+                for name in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    tensors[name] = file.get_tensor(name)
+        except (OSError, ValueError, safetensors.SafetensorError) as error:
+            raise DataError(f"'{path}' cannot be read as safetensors ({error})") from None
+    return tensors
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise DataError(
+            f"reading '{path}' needs torch: pip install 'mlm[interop]' (or save the model as "
+            "safetensors)"
+        ) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 (torch raises many kinds for bad files)
+        raise DataError(f"'{path}' cannot be read by torch.load ({error})") from None
+    return {
+        name: tensor.detach().float().numpy() if tensor.is_floating_point() else tensor.numpy()
+        for name, tensor in state.items()
+    }
+
+
+def read_vocab(model_dir: str) -> str:
+    """Returns the WordPiece vocab as vocab.txt text: from vocab.txt, else from tokenizer.json.
+
+    Raises:
+      DataError: neither file, or a tokenizer.json that is not WordPiece.
+    """
+    path = os.path.join(model_dir, VOCAB_FILENAME)
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
+    if not os.path.isfile(tokenizer_path):
+        raise DataError(
+            f"'{model_dir}' holds no {VOCAB_FILENAME} or {TOKENIZER_FILENAME}; save the "
+            "tokenizer next to the model (tokenizer.save_pretrained)"
+        )
+    model = read_json(tokenizer_path).get("model", {})
+    if model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+        raise DataError(f"'{tokenizer_path}' is not a WordPiece tokenizer; BERT's vocab is")
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    return "".join(f"{token}\n" for token in tokens)
+
+
+def read_lowercase(model_dir: str) -> bool:
+    """Whether the tokenizer lowercases (tokenizer_config.json's do_lower_case; default True)."""
+    path = os.path.join(model_dir, TOKENIZER_CONFIG_FILENAME)
+    if os.path.isfile(path):
+        config = read_json(path)
+        if "do_lower_case" in config:
+            return bool(config["do_lower_case"])
+    tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
+    if os.path.isfile(tokenizer_path):
+        normalizer = read_json(tokenizer_path).get("normalizer") or {}
+        if "lowercase" in normalizer:
+            return bool(normalizer["lowercase"])
+    return True
+
+
+def write_model_dir(
+    model_dir: str,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, np.ndarray],
+    vocab_text: str,
+    lowercase: bool,
+) -> None:
+    """Writes a directory `from_pretrained` and `AutoTokenizer.from_pretrained` load.
+
+    Args:
+      model_dir: an existing, empty directory.
+      config: the config.json content (`layout.hf_bert_config`).
+      tensors: the state dict (`layout.hf_from_params`).
+      vocab_text: vocab.txt's content.
+      lowercase: the tokenizer's do_lower_case.
+    """
+    with open(os.path.join(model_dir, CONFIG_FILENAME), "w", encoding="utf-8") as file:
+        json.dump(dict(config), file, indent=2, sort_keys=True)
+    safetensors.numpy.save_file(
+        dict(tensors), os.path.join(model_dir, SAFETENSORS_FILENAME), metadata={"format": "pt"}
+    )
+    with open(os.path.join(model_dir, VOCAB_FILENAME), "w", encoding="utf-8") as file:
+        file.write(vocab_text)
+    tokenizer_config = {
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": lowercase,
+        "model_max_length": config["max_position_embeddings"],
+        **_SPECIAL_TOKENS,
+    }
+    for name, content in (
+        (TOKENIZER_CONFIG_FILENAME, tokenizer_config),
+        (SPECIAL_TOKENS_FILENAME, _SPECIAL_TOKENS),
+    ):
+        with open(os.path.join(model_dir, name), "w", encoding="utf-8") as file:
+            json.dump(content, file, indent=2)

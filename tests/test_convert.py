@@ -1,0 +1,382 @@
+"""Tests for mlm.convert: Hugging Face and original-BERT checkpoints in and out, with numerical
+parity against transformers (PyTorch, CPU) as the independent implementation."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from mlm import config as config_lib  # noqa: E402
+from mlm import convert  # noqa: E402
+from mlm.errors import ConfigError, DataError  # noqa: E402
+from mlm.fill_mask import fill_mask, load_predictor  # noqa: E402
+from mlm.train import train_and_evaluate  # noqa: E402
+
+WORDS = [
+    "the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "big", "small", "red",
+    "blue", "and", "is", "was", "house", "river", "bird", "sang", "song", "green", "old", "new",
+]  # fmt: skip
+TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[unused0]", ".", ","] + WORDS
+TOKENS += [f"##{c}" for c in "sdegnr"] + list("bcdefghijklmnopqrstuvwxyz")  # "a" is a word
+MAX_ABS_LOGIT_DIFF = 1e-4
+
+
+def hf_config(**overrides):
+    values = dict(
+        vocab_size=len(TOKENS) + 3,  # Rows beyond the vocab, as padded vocabs have.
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        type_vocab_size=2,
+    )
+    values.update(overrides)
+    return transformers.BertConfig(**values)
+
+
+def random_hf_model(model_class, config, seed=0):
+    """A randomly initialised model, perturbed so that LayerNorms and biases are not trivial."""
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model
+
+
+def save_hf(model, directory, tmp_path):
+    vocab_path = tmp_path / "vocab.txt"
+    vocab_path.write_text("\n".join(TOKENS) + "\n")
+    model.save_pretrained(directory)
+    # transformers 5 saves tokenizer.json only (no vocab.txt): the converter reads either.
+    transformers.BertTokenizer(vocab=str(vocab_path)).save_pretrained(directory)
+    return str(directory)
+
+
+def random_batch(seed=0, batch=3, length=16):
+    """Random ids with padding (rows of 16, 9 and 4 tokens) and random token types."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, length), np.int64)
+    for row, real in enumerate([16, 9, 4][:batch]):
+        mask[row, :real] = 1
+    ids = rng.integers(5, len(TOKENS), (batch, length)) * mask
+    types = rng.integers(0, 2, (batch, length)) * mask
+    return ids, mask, types
+
+
+def our_outputs(predictor, ids, mask, types):
+    batch = {
+        "input_word_ids": ids.astype(np.int32),
+        "input_mask": mask.astype(np.int32),
+        "input_type_ids": types.astype(np.int32),
+        "masked_lm_positions": np.tile(np.arange(ids.shape[1], dtype=np.int32), (len(ids), 1)),
+    }
+    return {k: np.asarray(v) for k, v in predictor.infer(predictor.params, batch).items()}
+
+
+def hf_outputs(model, ids, mask, types):
+    with torch.no_grad():
+        return model(
+            input_ids=torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            token_type_ids=torch.tensor(types),
+        )
+
+
+def max_real_diff(ours, theirs, mask):
+    real = mask.astype(bool)
+    return float(np.abs(ours[real] - theirs[real]).max())
+
+
+def assert_state_dicts_identical(expected, loaded):
+    assert set(expected) == set(loaded)
+    for name, tensor in expected.items():
+        assert loaded[name].dtype == tensor.dtype, name
+        assert torch.equal(loaded[name], tensor), name
+
+
+@pytest.fixture(scope="module")
+def masked_lm(tmp_path_factory):
+    """A BertForMaskedLM (exact GELU, as Hugging Face's "gelu") saved and converted to mlm."""
+    tmp = tmp_path_factory.mktemp("hf_mlm")
+    model = random_hf_model(transformers.BertForMaskedLM, hf_config(hidden_act="gelu"))
+    hf_dir = save_hf(model, tmp / "hf", tmp)
+    converted = convert.from_hf(hf_dir, str(tmp / "mlm"))
+    return model, hf_dir, converted, tmp
+
+
+def test_from_hf_logits_match_transformers(masked_lm):
+    model, _, converted, _ = masked_lm
+    assert not converted.next_sentence and converted.left_out == []
+    predictor = load_predictor(converted.output)
+    assert predictor.config.model.activation == "gelu" and predictor.step == 0
+    ids, mask, types = random_batch()
+    diff = max_real_diff(
+        our_outputs(predictor, ids, mask, types)["mlm_logits"],
+        hf_outputs(model, ids, mask, types).logits.numpy(),
+        mask,
+    )
+    print(f"hf -> mlm max abs MLM logit difference: {diff:.3g}")
+    assert diff < MAX_ABS_LOGIT_DIFF
+
+
+def test_to_hf_round_trip_is_bit_identical_and_loads_cleanly(masked_lm):
+    model, _, converted, tmp = masked_lm
+    exported = convert.to_hf(converted.output, str(tmp / "back"))
+    loaded, info = transformers.BertForMaskedLM.from_pretrained(
+        exported.output, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and info["error_msgs"] == []
+    assert loaded.config.hidden_act == "gelu"
+    assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(exported.output)
+    predictor = load_predictor(converted.output)
+    text = "The red cat sat on the mat, and the bird sang."
+    ours = predictor.vocab.tokenizer.encode(text, add_special_tokens=False).ids
+    assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours
+    assert 1 not in ours  # No [UNK]: the text really was tokenized by both.
+
+
+def test_fill_mask_matches_transformers_pipeline(masked_lm):
+    _, hf_dir, converted, _ = masked_lm
+    predictor = load_predictor(converted.output)
+    pipeline = transformers.pipeline("fill-mask", model=hf_dir, tokenizer=hf_dir, device="cpu")
+    for text in ("the cat sat on the [MASK] .", "a [MASK] bird sang under the tree"):
+        ours = fill_mask(predictor, text, top_k=5)[0]
+        # The pipeline ranks every token; mlm does not offer special tokens ([PAD], [unused0]...).
+        theirs = [
+            (row["token_str"], row["score"])
+            for row in pipeline(text, top_k=20)
+            if not (row["token_str"].startswith("[") and row["token_str"].endswith("]"))
+        ][:5]
+        assert [token for token, _ in ours] == [token for token, _ in theirs]
+        np.testing.assert_allclose([p for _, p in ours], [p for _, p in theirs], rtol=1e-5)
+
+
+def test_pretraining_model_keeps_its_next_sentence_head(tmp_path):
+    model = random_hf_model(
+        transformers.BertForPreTraining, hf_config(hidden_act="gelu_new"), seed=1
+    )
+    hf_dir = save_hf(model, tmp_path / "hf", tmp_path)
+    converted = convert.from_hf(hf_dir, str(tmp_path / "mlm"))
+    assert converted.next_sentence
+    predictor = load_predictor(converted.output)
+    assert predictor.config.model.activation == "gelu_tanh"
+    assert predictor.config.data.use_next_sentence_label
+    ids, mask, types = random_batch(seed=1)
+    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
+    mlm_diff = max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask)
+    nsp_diff = float(np.abs(ours["nsp_logits"] - theirs.seq_relationship_logits.numpy()).max())
+    print(f"BertForPreTraining max abs difference: MLM {mlm_diff:.3g}, NSP {nsp_diff:.3g}")
+    assert mlm_diff < MAX_ABS_LOGIT_DIFF and nsp_diff < MAX_ABS_LOGIT_DIFF
+    exported = convert.to_hf(converted.output, str(tmp_path / "back"))
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == [
+        "BertForPreTraining"
+    ]
+    loaded, info = transformers.BertForPreTraining.from_pretrained(
+        exported.output, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+
+
+def test_pytorch_bin_with_old_layer_norm_names(tmp_path):
+    """bert-base-uncased's pytorch_model.bin names LayerNorm parameters gamma/beta."""
+    model = random_hf_model(transformers.BertForMaskedLM, hf_config(), seed=2)
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    old_names = {"LayerNorm.weight": "LayerNorm.gamma", "LayerNorm.bias": "LayerNorm.beta"}
+    state = {}
+    for name, tensor in model.state_dict().items():
+        for new, old in old_names.items():
+            name = name.replace(new, old)
+        state[name] = tensor
+    state["bert.embeddings.position_ids"] = torch.arange(64)[None]
+    state["classifier.weight"] = torch.zeros(2, 32)  # Another task's head: left out, and said.
+    torch.save(state, hf_dir / "pytorch_model.bin")
+    model.config.save_pretrained(hf_dir)
+    (hf_dir / "vocab.txt").write_text("\n".join(TOKENS) + "\n")
+    converted = convert.from_hf(str(hf_dir), str(tmp_path / "mlm"))
+    assert converted.left_out == ["classifier.weight"]
+    assert "left out 1: classifier.weight" in converted.summary()
+    ids, mask, types = random_batch(seed=2)
+    diff = max_real_diff(
+        our_outputs(load_predictor(converted.output), ids, mask, types)["mlm_logits"],
+        hf_outputs(model, ids, mask, types).logits.numpy(),
+        mask,
+    )
+    assert diff < MAX_ABS_LOGIT_DIFF
+
+
+# The original release's variable names, written out here independently of mlm.interop.layout.
+def tf1_variables(state_dict, num_layers):
+    """Hugging Face state dict -> google-research/bert TF1 variables ([in, out] kernels)."""
+    out = {}
+
+    def dense(hf, tf):
+        out[f"{tf}/kernel"] = state_dict[f"{hf}.weight"].numpy().T
+        out[f"{tf}/bias"] = state_dict[f"{hf}.bias"].numpy()
+
+    def norm(hf, tf):
+        out[f"{tf}/gamma"] = state_dict[f"{hf}.weight"].numpy()
+        out[f"{tf}/beta"] = state_dict[f"{hf}.bias"].numpy()
+
+    for name in ("word", "position", "token_type"):
+        out[f"bert/embeddings/{name}_embeddings"] = state_dict[
+            f"bert.embeddings.{name}_embeddings.weight"
+        ].numpy()
+    norm("bert.embeddings.LayerNorm", "bert/embeddings/LayerNorm")
+    for i in range(num_layers):
+        hf, tf = f"bert.encoder.layer.{i}", f"bert/encoder/layer_{i}"
+        for name in ("query", "key", "value"):
+            dense(f"{hf}.attention.self.{name}", f"{tf}/attention/self/{name}")
+        dense(f"{hf}.attention.output.dense", f"{tf}/attention/output/dense")
+        norm(f"{hf}.attention.output.LayerNorm", f"{tf}/attention/output/LayerNorm")
+        dense(f"{hf}.intermediate.dense", f"{tf}/intermediate/dense")
+        dense(f"{hf}.output.dense", f"{tf}/output/dense")
+        norm(f"{hf}.output.LayerNorm", f"{tf}/output/LayerNorm")
+    dense("bert.pooler.dense", "bert/pooler/dense")
+    dense("cls.predictions.transform.dense", "cls/predictions/transform/dense")
+    norm("cls.predictions.transform.LayerNorm", "cls/predictions/transform/LayerNorm")
+    out["cls/predictions/output_bias"] = state_dict["cls.predictions.bias"].numpy()
+    out["cls/seq_relationship/output_weights"] = state_dict["cls.seq_relationship.weight"].numpy()
+    out["cls/seq_relationship/output_bias"] = state_dict["cls.seq_relationship.bias"].numpy()
+    return out
+
+
+def write_tf1_checkpoint(variables, prefix):
+    """Writes a TF1 (name-based) checkpoint with a Saver, plus Adam slots and global_step."""
+    tf = pytest.importorskip("tensorflow")
+    with tf.Graph().as_default():
+        created = [tf.compat.v1.Variable(value, name=name) for name, value in variables.items()]
+        created += [
+            tf.compat.v1.Variable(np.zeros_like(variables[name]), name=f"{name}/adam_m")
+            for name in list(variables)[:3]
+        ]
+        created.append(tf.compat.v1.Variable(np.int64(1000), name="global_step"))
+        saver = tf.compat.v1.train.Saver(created)
+        with tf.compat.v1.Session() as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, prefix)
+
+
+def test_tf_bert_checkpoint_parity_and_round_trip(tmp_path):
+    config = hf_config(hidden_act="gelu_new")  # The release's "gelu" is the tanh approximation.
+    model = random_hf_model(transformers.BertForPreTraining, config, seed=3)
+    release = tmp_path / "uncased_L-2_H-32_A-4"
+    release.mkdir()
+    variables = tf1_variables(model.state_dict(), config.num_hidden_layers)
+    write_tf1_checkpoint(variables, str(release / "bert_model.ckpt"))
+    bert_config = {
+        key: getattr(config, key)
+        for key in (
+            "attention_probs_dropout_prob", "hidden_dropout_prob", "hidden_size",
+            "initializer_range", "intermediate_size", "max_position_embeddings",
+            "num_attention_heads", "num_hidden_layers", "type_vocab_size", "vocab_size",
+        )
+    }  # fmt: skip
+    bert_config["hidden_act"] = "gelu"
+    (release / "bert_config.json").write_text(json.dumps(bert_config))
+    (release / "vocab.txt").write_text("\n".join(TOKENS) + "\n")
+    out = tmp_path / "mlm"
+    argv = ["--from", "tf-bert", "--input", str(release / "bert_model.ckpt"), "--output", str(out)]
+    assert convert.main(argv) == 0
+    predictor = load_predictor(str(out))
+    assert predictor.config.model.activation == "gelu_tanh" and predictor.config.data.lowercase
+    ids, mask, types = random_batch(seed=3)
+    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
+    diff = max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask)
+    nsp_diff = float(np.abs(ours["nsp_logits"] - theirs.seq_relationship_logits.numpy()).max())
+    print(f"tf-bert -> mlm max abs difference: MLM {diff:.3g}, NSP {nsp_diff:.3g}")
+    assert diff < MAX_ABS_LOGIT_DIFF and nsp_diff < MAX_ABS_LOGIT_DIFF
+    assert convert.main(["--to", "hf", "--input", str(out), "--output", str(tmp_path / "hf")]) == 0
+    exported = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "hf"))
+    back = tf1_variables(exported.state_dict(), config.num_hidden_layers)
+    for name, value in variables.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_converted_workdir_starts_training_and_evaluates(masked_lm, tmp_path):
+    """train.init_checkpoint loads every parameter; --mode eval runs on the converted workdir."""
+    _, _, converted, _ = masked_lm
+    text = tmp_path / "train.txt"
+    rng = np.random.default_rng(0)
+    documents = [
+        "\n".join(" ".join(rng.choice(WORDS, 8)) + " ." for _ in range(4)) for _ in range(40)
+    ]
+    text.write_text("\n\n".join(documents) + "\n")
+    with open(os.path.join(converted.output, "config.json")) as file:
+        config = config_lib.from_json(file.read())
+    config.data.update(
+        train_files=str(text),
+        eval_files=str(text),
+        vocab_file=os.path.join(converted.output, "vocab.txt"),
+        seq_length=32,
+        max_predictions_per_seq=5,
+    )
+    config.train.update(
+        global_batch_size=4, num_steps=2, log_every=1, eval_every=0, eval_steps=2,
+        checkpoint_every=2, init_checkpoint=converted.output,
+    )  # fmt: skip
+    config.optimizer.warmup_steps = 1
+    workdir = tmp_path / "continued"
+    results = train_and_evaluate(config, str(workdir))
+    report = (workdir / "init_report.txt").read_text()
+    assert " 0 initialized, 0 unused parameters" in report.splitlines()[0], report
+    assert results["train"]["step"] == 2 and np.isfinite(results["train"]["lm_example_loss"])
+    assert 0.0 <= results["eval"]["masked_lm_accuracy"] <= 1.0
+    # Evaluate the converted workdir itself on other data: data fields may differ for --mode eval.
+    config_path = os.path.join(converted.output, "config.json")
+    with open(config_path) as file:
+        before = file.read()
+    config.train.init_checkpoint = ""
+    config.data.vocab_file = ""
+    metrics = train_and_evaluate(config, converted.output, mode="eval")["eval"]
+    assert metrics["step"] == 0 and 0.0 <= metrics["masked_lm_accuracy"] <= 1.0
+    with open(config_path) as file:
+        assert file.read() == before  # The workdir's config.json is unchanged.
+
+
+def test_bad_inputs_get_one_line_errors(masked_lm, tmp_path, capsys):
+    _, hf_dir, converted, _ = masked_lm
+    before = sorted(os.listdir(converted.output))
+    argv = ["--from", "hf", "--input", hf_dir, "--output", converted.output]
+    assert convert.main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --output") and "not empty" in error and "\n" not in error
+    assert sorted(os.listdir(converted.output)) == before
+    with pytest.raises(ConfigError, match="not a directory"):
+        convert.from_hf(str(tmp_path / "nothing"), str(tmp_path / "out"))
+    broken = tmp_path / "roberta"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    with pytest.raises(DataError, match="model_type is 'roberta'"):
+        convert.from_hf(str(broken), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_tensor_and_untied_decoder_are_refused(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    model = random_hf_model(transformers.BertForMaskedLM, hf_config(), seed=4)
+    hf_dir = save_hf(model, tmp_path / "hf", tmp_path)
+    weights = os.path.join(hf_dir, "model.safetensors")
+    tensors = load_file(weights)
+    untied = dict(tensors, **{"cls.predictions.decoder.weight": tensors[
+        "bert.embeddings.word_embeddings.weight"] + 1})  # fmt: skip
+    save_file(untied, weights, metadata={"format": "pt"})
+    with pytest.raises(DataError, match="cls.predictions.decoder.weight' differs"):
+        convert.from_hf(hf_dir, str(tmp_path / "out"))
+    del tensors["bert.encoder.layer.1.output.dense.bias"]
+    save_file(tensors, weights, metadata={"format": "pt"})
+    with pytest.raises(DataError, match="'bert.encoder.layer.1.output.dense.bias' missing"):
+        convert.from_hf(hf_dir, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert jax.devices()  # The failed conversions left nothing behind and the process is fine.
