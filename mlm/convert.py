@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 
 from mlm import checkpoint, task
 from mlm import config as config_lib
@@ -123,8 +124,8 @@ def mlm_config(
 
 
 def _check_shapes(params: Any, abstract_params: Any, where: str) -> None:
-    expected = {path: leaf.shape for path, leaf in layout.flatten(abstract_params)}
-    for path, array in layout.flatten(params):
+    expected = {k: leaf.shape for k, leaf in traverse_util.flatten_dict(abstract_params).items()}
+    for path, array in traverse_util.flatten_dict(params).items():
         if array.shape != expected[path]:
             raise DataError(
                 f"{where}: '{'/'.join(path)}' has shape {array.shape} but its config gives "
@@ -184,7 +185,7 @@ def write_workdir(
 
 
 def _count(params: Any) -> tuple[int, int]:
-    leaves = [leaf for _, leaf in layout.flatten(params)]
+    leaves = list(traverse_util.flatten_dict(params).values())
     return len(leaves), int(sum(np.size(leaf) for leaf in leaves))
 
 

@@ -25,6 +25,7 @@ import jax
 import optax
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import traverse_util
 
 from mlm import checkpoint
 from mlm.data.corpus import write_text_atomically
@@ -190,17 +191,6 @@ def _flatten(tree: Any) -> dict[str, tuple[tuple[str, ...], Any]]:
     return flat
 
 
-def _nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    """Nested dicts from {key names: value} (orbax's partial-restore item for the params)."""
-    nested: dict[str, Any] = {}
-    for keys, value in flat.items():
-        node = nested
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return nested
-
-
 def _restore_target(meta: Any, like: jax.Array) -> jax.ShapeDtypeStruct:
     """Reads a saved array straight into the sharding of the array it replaces."""
     return jax.ShapeDtypeStruct(tuple(meta.shape), meta.dtype, sharding=like.sharding)
@@ -326,7 +316,7 @@ def load_initial_state(
             "at an mlm run"
         )
     item: dict[str, Any] = {
-        "params": _nest(
+        "params": traverse_util.unflatten_dict(
             {
                 source_params[name][0]: _restore_target(
                     source_params[name][1], target_params[name][1]

@@ -94,6 +94,16 @@ def max_real_diff(ours, theirs, mask):
     return float(np.abs(ours[real] - theirs[real]).max())
 
 
+def pretraining_diffs(predictor, model, seed, label):
+    """Max abs MLM and NSP logit differences between mlm and a transformers BertForPreTraining."""
+    ids, mask, types = random_batch(seed=seed)
+    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
+    mlm_diff = max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask)
+    nsp_diff = float(np.abs(ours["nsp_logits"] - theirs.seq_relationship_logits.numpy()).max())
+    print(f"{label} max abs difference: MLM {mlm_diff:.3g}, NSP {nsp_diff:.3g}")
+    return mlm_diff, nsp_diff
+
+
 def assert_state_dicts_identical(expected, loaded):
     assert set(expected) == set(loaded)
     for name, tensor in expected.items():
@@ -170,11 +180,7 @@ def test_pretraining_model_keeps_its_next_sentence_head(tmp_path):
     predictor = load_predictor(converted.output)
     assert predictor.config.model.activation == "gelu_tanh"
     assert predictor.config.data.use_next_sentence_label
-    ids, mask, types = random_batch(seed=1)
-    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
-    mlm_diff = max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask)
-    nsp_diff = float(np.abs(ours["nsp_logits"] - theirs.seq_relationship_logits.numpy()).max())
-    print(f"BertForPreTraining max abs difference: MLM {mlm_diff:.3g}, NSP {nsp_diff:.3g}")
+    mlm_diff, nsp_diff = pretraining_diffs(predictor, model, 1, "BertForPreTraining -> mlm")
     assert mlm_diff < MAX_ABS_LOGIT_DIFF and nsp_diff < MAX_ABS_LOGIT_DIFF
     exported = convert.to_hf(converted.output, str(tmp_path / "back"))
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == [
@@ -290,11 +296,7 @@ def test_tf_bert_checkpoint_parity_and_round_trip(tmp_path):
     assert convert.main(argv) == 0
     predictor = load_predictor(str(out))
     assert predictor.config.model.activation == "gelu_tanh" and predictor.config.data.lowercase
-    ids, mask, types = random_batch(seed=3)
-    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
-    diff = max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask)
-    nsp_diff = float(np.abs(ours["nsp_logits"] - theirs.seq_relationship_logits.numpy()).max())
-    print(f"tf-bert -> mlm max abs difference: MLM {diff:.3g}, NSP {nsp_diff:.3g}")
+    diff, nsp_diff = pretraining_diffs(predictor, model, 3, "tf-bert -> mlm")
     assert diff < MAX_ABS_LOGIT_DIFF and nsp_diff < MAX_ABS_LOGIT_DIFF
     assert convert.main(["--to", "hf", "--input", str(out), "--output", str(tmp_path / "hf")]) == 0
     exported = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "hf"))

@@ -10,10 +10,11 @@ and a reshape, so weights round-trip bit for bit.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 from mlm.errors import DataError
 
@@ -304,28 +305,6 @@ def from_mlm(kind: str, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
-def nest(flat: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
-    """Builds a nested dict (a params tree) from {path tuple: leaf}."""
-    tree: dict[str, Any] = {}
-    for path, leaf in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = leaf
-    return tree
-
-
-def flatten(
-    tree: Mapping[str, Any], prefix: tuple[str, ...] = ()
-) -> Iterator[tuple[tuple[str, ...], Any]]:
-    """Yields (path tuple, leaf) for every leaf of a nested mapping (a params tree)."""
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from flatten(value, (*prefix, key))
-        else:
-            yield (*prefix, key), value
-
-
 def _normalized(name: str) -> str:
     """Old checkpoints (e.g. bert-base-uncased's pytorch_model.bin) name LayerNorm weight/bias
     gamma/beta, as TF did."""
@@ -333,6 +312,14 @@ def _normalized(name: str) -> str:
         if name.endswith(old):
             return name[: -len(old)] + new
     return name
+
+
+def _require_all(names: Sequence[str], present: Mapping[str, Any], what: str, fix: str) -> None:
+    """Raises a DataError naming the first of `names` not in `present` (and how many more)."""
+    missing = [name for name in names if name not in present]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise DataError(f"{what} '{missing[0]}'{more} missing; {fix}")
 
 
 def has_next_sentence(tensors: Mapping[str, Any]) -> bool:
@@ -360,13 +347,12 @@ def params_from_hf(
     tensors = {_normalized(name): array for name, array in tensors.items()}
     next_sentence = has_next_sentence(tensors)
     specs = tensor_specs(fields["num_layers"], next_sentence)
-    missing = [spec.hf for spec in specs if spec.hf not in tensors]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(
-            f"{where}: tensor '{missing[0]}'{more} missing; convert a BertForMaskedLM or "
-            "BertForPreTraining checkpoint (with its MLM head)"
-        )
+    _require_all(
+        [spec.hf for spec in specs],
+        tensors,
+        f"{where}: tensor",
+        "convert a BertForMaskedLM or BertForPreTraining checkpoint (with its MLM head)",
+    )
     for tied, to in ((HF_DECODER_WEIGHT, HF_WORD_EMBEDDINGS), (HF_DECODER_BIAS, HF_MLM_BIAS)):
         if tied in tensors and not np.array_equal(tensors[tied], tensors[to]):
             raise DataError(
@@ -379,7 +365,7 @@ def params_from_hf(
     }
     known = {spec.hf for spec in specs} | {HF_POSITION_IDS, HF_DECODER_WEIGHT, HF_DECODER_BIAS}
     left_out = sorted(name for name in tensors if name not in known)
-    return nest(params), left_out
+    return traverse_util.unflatten_dict(params), left_out
 
 
 def hf_from_params(params: Mapping[str, Any], num_layers: int) -> dict[str, np.ndarray]:
@@ -394,7 +380,7 @@ def hf_from_params(params: Mapping[str, Any], num_layers: int) -> dict[str, np.n
     Returns:
       state-dict key -> C-contiguous float32 array.
     """
-    flat = dict(flatten(params))
+    flat = traverse_util.flatten_dict(params)
     specs = tensor_specs(num_layers, next_sentence=("nsp_head",) in {p[:1] for p in flat})
     return {spec.hf: from_mlm(spec.kind, np.asarray(flat[spec.mlm])) for spec in specs}
 
@@ -418,13 +404,12 @@ def hf_from_tf_bert(
     """
     next_sentence = "cls/seq_relationship/output_weights" in variables
     specs = tensor_specs(num_layers, next_sentence)
-    missing = [spec.tf for spec in specs if spec.tf not in variables]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise DataError(
-            f"{where}: variable '{missing[0]}'{more} missing; is it a BERT pretraining "
-            "checkpoint with num_hidden_layers as in its bert_config.json?"
-        )
+    _require_all(
+        [spec.tf for spec in specs],
+        variables,
+        f"{where}: variable",
+        "is it a BERT pretraining checkpoint with num_hidden_layers as in its bert_config.json?",
+    )
     known = {spec.tf for spec in specs}
     left_out = sorted(
         name
