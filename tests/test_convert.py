@@ -382,3 +382,15 @@ def test_missing_tensor_and_untied_decoder_are_refused(tmp_path):
         convert.from_hf(hf_dir, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
     assert jax.devices()  # The failed conversions left nothing behind and the process is fine.
+
+
+def test_sharded_safetensors_convert_like_a_single_file(masked_lm, tmp_path):
+    model, _, converted, _ = masked_lm
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").exists()
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    (sharded / "vocab.txt").write_text("\n".join(TOKENS) + "\n")
+    again = convert.from_hf(str(sharded), str(tmp_path / "mlm"))
+    params, expected = load_predictor(again.output).params, load_predictor(converted.output).params
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, expected))
