@@ -394,3 +394,13 @@ def test_sharded_safetensors_convert_like_a_single_file(masked_lm, tmp_path):
     again = convert.from_hf(str(sharded), str(tmp_path / "mlm"))
     params, expected = load_predictor(again.output).params, load_predictor(converted.output).params
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), params, expected))
+
+
+def test_bfloat16_weights_are_read_as_float32(tmp_path):
+    model = random_hf_model(transformers.BertForMaskedLM, hf_config(), seed=5)
+    hf_dir = save_hf(model.to(torch.bfloat16), tmp_path / "hf", tmp_path)
+    converted = convert.from_hf(hf_dir, str(tmp_path / "mlm"))
+    params = load_predictor(converted.output).params
+    embeddings = np.asarray(params["encoder"]["word_embeddings"]["embedding"])
+    expected = model.bert.embeddings.word_embeddings.weight.float().detach().numpy()
+    assert embeddings.dtype == np.float32 and np.array_equal(embeddings, expected)

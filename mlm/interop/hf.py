@@ -91,10 +91,11 @@ def _read_safetensors(paths: list[str]) -> dict[str, np.ndarray]:
     tensors: dict[str, np.ndarray] = {}
     for path in paths:
         try:
-            with safetensors.safe_open(path, framework="np") as file:
+            # The flax reader, unlike the numpy one, knows bfloat16 (as ml_dtypes' numpy dtype).
+            with safetensors.safe_open(path, framework="flax") as file:
                 for name in file.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                    tensors[name] = file.get_tensor(name)
-        except (OSError, ValueError, safetensors.SafetensorError) as error:
+                    tensors[name] = np.asarray(file.get_tensor(name))
+        except (OSError, ValueError, TypeError, safetensors.SafetensorError) as error:
             raise DataError(f"'{path}' cannot be read as safetensors ({error})") from None
     return tensors
 
