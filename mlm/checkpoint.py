@@ -7,6 +7,7 @@ process), so a resumed run continues with exactly the batches it would have seen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -52,6 +53,28 @@ class IteratorSnapshot:
     def get_state(self) -> bytes:
         """Returns the captured state as JSON bytes."""
         return self._state
+
+
+def state_item(state: Any) -> dict[str, Any]:
+    """The TaskState as the checkpoint's `state` item: its fields, without those that are None.
+
+    Optional fields (`ema_params`, `loss_scale`) are left out when off, so a checkpoint written
+    before they existed and one written with them off have the same structure and restore alike.
+
+    Args:
+      state: a TaskState (of arrays, or of ShapeDtypeStructs as a restore target); any other
+        pytree is returned as it is.
+
+    Returns:
+      {field name: value} of the fields that are not None.
+    """
+    if not dataclasses.is_dataclass(state):
+        return state
+    return {
+        field.name: getattr(state, field.name)
+        for field in dataclasses.fields(state)
+        if getattr(state, field.name) is not None
+    }
 
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -122,7 +145,7 @@ def save_best(
     """
     if step in manager.all_steps():
         return  # Kept before a resume; the resumed run reproduces the same state exactly.
-    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
@@ -170,7 +193,7 @@ def save(
       data_iterator: the train input iterator, or None.
       config: the run's config as a dict, saved with the step (`config` item), or None.
     """
-    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(IteratorSnapshot(data_iterator))
     if config is not None:
@@ -196,11 +219,13 @@ def restore(
     Returns:
       The restored TaskState.
     """
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    items = {STATE_ITEM: ocp.args.StandardRestore(state_item(abstract_state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE_ITEM]
+    if not dataclasses.is_dataclass(abstract_state):
+        return restored[STATE_ITEM]
+    return abstract_state.replace(**restored[STATE_ITEM])
 
 
 def restore_latest_intact(
