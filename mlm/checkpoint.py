@@ -26,6 +26,9 @@ DAMAGED_DIRNAME = "damaged"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 CONFIG_ITEM = "config"
+# Orbax errors of a restore target with another tree structure than the saved state (e.g. a
+# config that adds EMA params or another optimizer): a config mismatch, not damage.
+_STRUCTURE_MISMATCH = ("tree structures do not match", "Structure mismatch")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -258,7 +261,7 @@ def restore_latest_intact(
             return restore(manager, step, abstract_state, data_iterator), step
         except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
             reason = " ".join(str(error).split())[:200]
-            if "tree structures do not match" in reason:
+            if any(sign in reason for sign in _STRUCTURE_MISMATCH):
                 # Not damage: this config builds another state (e.g. another optimizer).
                 raise ConfigError(
                     f"checkpoint step {step} holds a train state of another structure than "
