@@ -397,3 +397,36 @@ def test_init_checkpoint_starts_a_new_run_from_trained_params(trained, tmp_path)
     config.train.init_checkpoint = str(tmp_path / "missing")
     with pytest.raises(config_lib.ConfigError, match="missing"):
         train_and_evaluate(config, str(tmp_path / "third"))
+
+
+def test_ema_run_evaluates_and_fills_masks_with_the_ema_params(tmp_path, capfd):
+    import jax
+
+    from mlm import checkpoint, task
+    from mlm.optim import create_optimizer
+
+    config = tiny_config()
+    config.train.update(num_steps=6, log_every=3, eval_every=0, checkpoint_every=6)
+    config.optimizer.update(warmup_steps=1, ema_decay=0.5)
+    workdir = str(tmp_path / "ema")
+    train_and_evaluate(config, workdir)
+    assert "eval step 6 (EMA params)" in capfd.readouterr().err
+    predictor = fill_mask.load_predictor(workdir)
+    assert predictor.ema and predictor.step == 6
+    config = config_lib.validate(config)
+    model = task.build_model(config)
+    init_fn = task.state_initializer(config, model, create_optimizer(config.optimizer, 6))
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), keep=0)
+    state = checkpoint.restore(manager, 6, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    manager.close()
+    leaves = jax.tree.leaves
+    for served, ema in zip(leaves(predictor.params), leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(served), np.asarray(ema))
+    differs = [
+        not np.array_equal(e, r)
+        for e, r in zip(leaves(state.ema_params), leaves(state.params), strict=True)
+    ]
+    assert any(differs)
+    # --mode eval evaluates the same (EMA) params as the end of training did.
+    again = train_and_evaluate(config, workdir, mode="eval")["eval"]
+    assert again == read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))[-1]
