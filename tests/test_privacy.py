@@ -97,16 +97,16 @@ def test_dp_step_on_zero_gradients_is_pure_noise_of_std_sigma_c_over_b():
     batch["masked_lm_weights"] = np.zeros_like(batch["masked_lm_weights"])  # Loss 0, grads 0.
     dp = privacy.DpSgd(l2_clip=0.5, noise_multiplier=3.0)
     rng = jax.random.fold_in(state.rng, state.step)
-    value, _, grads, clipped = task._private_gradients(
-        state.params, batch, rng, model=model, grad_accum_steps=1, dp=dp
+    private_gradients = jax.jit(
+        functools.partial(task._private_gradients, model=model, dp=dp),
+        static_argnames="grad_accum_steps",
     )
+    value, _, grads, clipped = private_gradients(state.params, batch, rng, grad_accum_steps=1)
     assert float(value) == 0.0 and int(clipped) == 0
     values = np.concatenate([np.ravel(g) for g in jax.tree.leaves(grads)])
     assert values.size > 5000
     assert np.std(values) == pytest.approx(3.0 * 0.5 / 4, rel=0.05)
-    again = task._private_gradients(
-        state.params, batch, rng, model=model, grad_accum_steps=2, dp=dp
-    )[2]
+    again = private_gradients(state.params, batch, rng, grad_accum_steps=2)[2]
     # Noise is drawn once per step from the step key, also with gradient accumulation.
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(again), strict=True):
         np.testing.assert_array_equal(a, b)
