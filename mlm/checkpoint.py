@@ -7,6 +7,7 @@ process), so a resumed run continues with exactly the batches it would have seen
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,6 +26,9 @@ DAMAGED_DIRNAME = "damaged"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 CONFIG_ITEM = "config"
+# Orbax errors of a restore target with another tree structure than the saved state (e.g. a
+# config that adds EMA params or another optimizer): a config mismatch, not damage.
+_STRUCTURE_MISMATCH = ("tree structures do not match", "Structure mismatch")
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -52,6 +56,28 @@ class IteratorSnapshot:
     def get_state(self) -> bytes:
         """Returns the captured state as JSON bytes."""
         return self._state
+
+
+def state_item(state: Any) -> dict[str, Any]:
+    """The TaskState as the checkpoint's `state` item: its fields, without those that are None.
+
+    Optional fields (`ema_params`, `loss_scale`) are left out when off, so a checkpoint written
+    before they existed and one written with them off have the same structure and restore alike.
+
+    Args:
+      state: a TaskState (of arrays, or of ShapeDtypeStructs as a restore target); any other
+        pytree is returned as it is.
+
+    Returns:
+      {field name: value} of the fields that are not None.
+    """
+    if not dataclasses.is_dataclass(state):
+        return state
+    return {
+        field.name: getattr(state, field.name)
+        for field in dataclasses.fields(state)
+        if getattr(state, field.name) is not None
+    }
 
 
 def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
@@ -122,7 +148,7 @@ def save_best(
     """
     if step in manager.all_steps():
         return  # Kept before a resume; the resumed run reproduces the same state exactly.
-    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
 
@@ -170,7 +196,7 @@ def save(
       data_iterator: the train input iterator, or None.
       config: the run's config as a dict, saved with the step (`config` item), or None.
     """
-    items = {STATE_ITEM: ocp.args.StandardSave(state)}
+    items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(IteratorSnapshot(data_iterator))
     if config is not None:
@@ -196,11 +222,13 @@ def restore(
     Returns:
       The restored TaskState.
     """
-    items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}
+    items = {STATE_ITEM: ocp.args.StandardRestore(state_item(abstract_state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = manager.restore(step, args=ocp.args.Composite(**items))
-    return restored[STATE_ITEM]
+    if not dataclasses.is_dataclass(abstract_state):
+        return restored[STATE_ITEM]
+    return abstract_state.replace(**restored[STATE_ITEM])
 
 
 def restore_latest_intact(
@@ -233,7 +261,7 @@ def restore_latest_intact(
             return restore(manager, step, abstract_state, data_iterator), step
         except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
             reason = " ".join(str(error).split())[:200]
-            if "tree structures do not match" in reason:
+            if any(sign in reason for sign in _STRUCTURE_MISMATCH):
                 # Not damage: this config builds another state (e.g. another optimizer).
                 raise ConfigError(
                     f"checkpoint step {step} holds a train state of another structure than "

@@ -18,7 +18,7 @@ import ml_collections
 
 from mlm.errors import ConfigError
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Feed-forward and MLM-head activations: GELU with the tanh approximation (original BERT, Model
 # Garden) or the exact erf form (Hugging Face's "gelu").
 ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -42,7 +42,8 @@ def base_config() -> ml_collections.ConfigDict:
     """Returns the full schema with BERT-base defaults; config files override fields of it.
 
     Returns:
-      An unlocked ConfigDict with sections `model`, `data`, `train`, `mesh` and `optimizer`.
+      An unlocked ConfigDict with sections `model`, `data`, `train`, `mesh`, `optimizer` and
+      `privacy`.
     """
     config = ml_collections.ConfigDict()
 
@@ -57,6 +58,8 @@ def base_config() -> ml_collections.ConfigDict:
             type_vocab_size=2,
             dropout_rate=0.1,
             attention_dropout_rate=0.1,
+            # Compute dtype (params stay float32): float32, bfloat16, or float16 with dynamic
+            # loss scaling (optimizer.loss_scale_*).
             dtype="float32",
             # "gelu_tanh" (original BERT) or "gelu" (exact erf; Hugging Face BERT checkpoints).
             activation="gelu_tanh",
@@ -149,6 +152,26 @@ def base_config() -> ml_collections.ConfigDict:
             b2=0.999,
             eps=1e-6,
             grad_accum_steps=1,
+            # Exponential moving average of the params (ema = d * ema + (1 - d) * params after
+            # each applied update), used for eval and fill_mask; 0: off.
+            ema_decay=0.0,
+            # model.dtype=float16 only: the initial loss scale, and the finite steps in a row
+            # after which it doubles (a non-finite step halves it and is skipped).
+            loss_scale_init=2.0**15,
+            loss_scale_growth_steps=2000,
+        )
+    )
+    config.privacy = ml_collections.ConfigDict(
+        dict(
+            # DP-SGD: per-row gradients clipped to l2_clip, Gaussian noise of
+            # noise_multiplier * l2_clip added once per step; epsilon at delta is logged.
+            enabled=False,
+            l2_clip=1.0,
+            noise_multiplier=1.0,
+            delta=1e-5,
+            # Rows (model examples) in the training set, N in the sampling rate
+            # q = train.global_batch_size / N; required when enabled (0: unknown).
+            num_examples=0,
         )
     )
     return config
@@ -342,6 +365,41 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         train.global_batch_size % opt.grad_accum_steps == 0,
         f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps})",
+    )
+    _require(
+        0.0 <= opt.ema_decay < 1.0,
+        f"optimizer.ema_decay must be in [0, 1) (0: no EMA), got {opt.ema_decay}",
+    )
+    _require(
+        opt.loss_scale_init >= 1.0,
+        f"optimizer.loss_scale_init must be >= 1, got {opt.loss_scale_init}",
+    )
+    _require(
+        opt.loss_scale_growth_steps >= 1,
+        f"optimizer.loss_scale_growth_steps must be >= 1, got {opt.loss_scale_growth_steps}",
+    )
+    _check_privacy(config.privacy, train.global_batch_size)
+
+
+def _check_privacy(privacy: ml_collections.ConfigDict, global_batch_size: int) -> None:
+    """Raises ConfigError for privacy values that cannot work (checked only when enabled)."""
+    if not privacy.enabled:
+        return
+    _require(privacy.l2_clip > 0, f"privacy.l2_clip must be > 0, got {privacy.l2_clip}")
+    _require(
+        privacy.noise_multiplier > 0,
+        f"privacy.noise_multiplier must be > 0, got {privacy.noise_multiplier}",
+    )
+    _require(0.0 < privacy.delta < 1.0, f"privacy.delta must be in (0, 1), got {privacy.delta}")
+    _require(
+        privacy.num_examples > 0,
+        "privacy.enabled needs privacy.num_examples (rows in the training set, for the sampling "
+        "rate); set --config.privacy.num_examples=N",
+    )
+    _require(
+        privacy.num_examples >= global_batch_size,
+        f"privacy.num_examples ({privacy.num_examples}) must be >= train.global_batch_size "
+        f"({global_batch_size})",
     )
 
 

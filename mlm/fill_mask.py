@@ -32,9 +32,11 @@ class Predictor:
     Attributes:
       config: the run's config (from WORKDIR/config.json).
       vocab: the run's vocab.
-      params: the model parameters of the latest checkpoint.
+      params: the model parameters of the latest checkpoint: the EMA params when the run kept
+        them (`optimizer.ema_decay` > 0), else the trained params.
       step: the checkpoint's step.
       infer: jitted `task.inference_step` bound to the model.
+      ema: whether `params` are the EMA params.
     """
 
     config: Any
@@ -42,10 +44,11 @@ class Predictor:
     params: Any
     step: int
     infer: Any
+    ema: bool = False
 
 
 def load_predictor(workdir: str) -> Predictor:
-    """Loads the config, vocab and latest checkpoint's params of a workdir.
+    """Loads the config, vocab and latest checkpoint's params (EMA params when kept) of a workdir.
 
     Args:
       workdir: a directory written by `mlm.train`.
@@ -83,7 +86,9 @@ def load_predictor(workdir: str) -> Predictor:
     finally:
         manager.close()
     infer = jax.jit(functools.partial(task.inference_step, model=model))
-    return Predictor(config=config, vocab=vocab, params=state.params, step=step, infer=infer)
+    ema = state.ema_params is not None
+    params = state.ema_params if ema else state.params
+    return Predictor(config=config, vocab=vocab, params=params, step=step, infer=infer, ema=ema)
 
 
 def encode_masked_text(text: str, vocab: Vocab, seq_length: int) -> dict[str, np.ndarray]:
@@ -177,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     except MlmError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"checkpoint step {predictor.step}")
+    print(f"checkpoint step {predictor.step}" + (" (EMA params)" if predictor.ema else ""))
     print(format_predictions(args.text, predictions))
     return 0
 

@@ -127,6 +127,10 @@ class SelfAttention(nn.Module):
         query = dense_general(heads, dtype=self.dtype, name="query")(x)
         key = dense_general(heads, dtype=self.dtype, name="key")(x)
         value = dense_general(heads, dtype=self.dtype, name="value")(x)
+        if query.dtype == jnp.float16 and jax.default_backend() == "cpu":
+            # XLA:CPU has no float16 x float16 -> float32 dot (F16_F16_F32): attention runs in
+            # float32 there; accelerators keep float16.
+            query, key, value = (t.astype(jnp.float32) for t in (query, key, value))
         if not deterministic and self.attention_dropout_rate > 0:
             rate, rng = self.attention_dropout_rate, self.make_rng("dropout")
             context = dropout_attention(query, key, value, mask, dropout_rate=rate, dropout_rng=rng)

@@ -137,3 +137,23 @@ def create_optimizer(
     # and counted; the driver stops the run after train.max_consecutive_skips in a row, so the
     # wrapper itself never gives up.
     return optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)
+
+
+def ema_update(ema: Any, params: Any, decay: float, applied: jax.typing.ArrayLike = True) -> Any:
+    """One step of the exponential moving average of the params.
+
+    Args:
+      ema: the average so far (starts as the initial params).
+      params: the params after this step's update.
+      decay: `optimizer.ema_decay` d: ema <- d * ema + (1 - d) * params.
+      applied: whether the update was applied; a skipped (non-finite) step keeps `ema`.
+
+    Returns:
+      The new average, same structure and dtypes.
+    """
+
+    def update(average: jax.Array, param: jax.Array) -> jax.Array:
+        moved = decay * average + (1.0 - decay) * param
+        return jnp.where(applied, moved, average).astype(average.dtype)
+
+    return jax.tree.map(update, ema, params)

@@ -19,7 +19,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from mlm import loss_scale as loss_scale_lib
+from mlm import privacy
 from mlm.model import BertForPreTraining
+from mlm.optim import ema_update
 
 Batch = Mapping[str, jax.Array]
 Logs = dict[str, Any]
@@ -27,7 +30,7 @@ Logs = dict[str, Any]
 # Per-step values the host averages over a logging interval; `learning_rate` keeps its latest
 # value; everything else a step returns is a sum that the host adds up.
 MEAN_KEYS = ("loss", "grad_norm")
-LAST_KEYS = ("learning_rate", "consecutive_skips")
+LAST_KEYS = ("learning_rate", "consecutive_skips", "loss_scale")
 
 
 @flax.struct.dataclass
@@ -39,12 +42,17 @@ class TaskState:
       params: the model parameters (float32).
       opt_state: the optax optimizer state.
       rng: base PRNG key (raw uint32); step randomness is `fold_in(rng, step)`.
+      ema_params: the exponential moving average of `params` (`optimizer.ema_decay` > 0), or
+        None.
+      loss_scale: a `loss_scale.LossScale` (`model.dtype=float16`), or None.
     """
 
     step: jax.Array
     params: Any
     opt_state: Any
     rng: jax.Array
+    ema_params: Any = None
+    loss_scale: Any = None
 
 
 def build_model(config: ml_collections.ConfigDict) -> BertForPreTraining:
@@ -98,6 +106,8 @@ def init(
     tx: optax.GradientTransformation,
     seq_length: int,
     max_predictions: int,
+    ema: bool = False,
+    loss_scale_init: float = 0.0,
 ) -> TaskState:
     """Creates the initial train state.
 
@@ -107,6 +117,8 @@ def init(
       tx: the optimizer.
       seq_length: tokens per sequence.
       max_predictions: masked slots per sequence.
+      ema: keep an exponential moving average of the params (starting at the initial params).
+      loss_scale_init: > 0: dynamic loss scaling starting at this scale (float16); 0: none.
 
     Returns:
       A TaskState at step 0.
@@ -115,7 +127,12 @@ def init(
     batch = dummy_batch(1, seq_length, max_predictions)
     params = model.init(params_rng, batch, deterministic=True)["params"]
     return TaskState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        rng=state_rng,
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
+        loss_scale=loss_scale_lib.initial(loss_scale_init) if loss_scale_init > 0 else None,
     )
 
 
@@ -127,7 +144,8 @@ def state_initializer(
     """Returns `init` bound to the model, optimizer and the config's batch shapes.
 
     Args:
-      config: the full config (`data.seq_length`, `data.max_predictions_per_seq`).
+      config: the full config (`data.seq_length`, `data.max_predictions_per_seq`,
+        `optimizer.ema_decay`, `model.dtype` and `optimizer.loss_scale_init`).
       model: the pretraining module.
       tx: the optimizer.
 
@@ -140,6 +158,10 @@ def state_initializer(
         tx=tx,
         seq_length=config.data.seq_length,
         max_predictions=config.data.max_predictions_per_seq,
+        ema=config.optimizer.ema_decay > 0,
+        loss_scale_init=(
+            config.optimizer.loss_scale_init if config.model.dtype == "float16" else 0.0
+        ),
     )
 
 
@@ -247,24 +269,52 @@ def _micro_batches(batch: Batch, num_micro: int) -> dict[str, jax.Array]:
     evenly among the micro-batches, so the split moves no data between devices.
     """
 
-    def split(x: jax.Array) -> jax.Array:
-        x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
-        return jnp.swapaxes(x, 0, 1)
+    return {name: _split_rows(value, num_micro) for name, value in batch.items()}
 
-    return {name: split(value) for name, value in batch.items()}
+
+def _split_rows(x: jax.Array, num_micro: int) -> jax.Array:
+    """[B, ...] -> [num_micro, B / num_micro, ...]; micro-batch i holds rows i, i + num_micro..."""
+    x = x.reshape((x.shape[0] // num_micro, num_micro) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+
+
+def _scaled_loss(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array | None,
+    *,
+    model: BertForPreTraining,
+    totals: tuple[jax.Array, jax.Array] | None = None,
+    scale: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """`loss` times the loss scale (float16), with (unscaled loss, metric sums) as aux."""
+    value, sums = loss(params, batch, rng, model=model, totals=totals)
+    return (value if scale is None else value * scale), (value, sums)
+
+
+def _unscale(grads: Any, scale: jax.Array | None) -> Any:
+    return grads if scale is None else jax.tree.map(lambda g: g / scale, grads)
 
 
 def _gradients(
-    params: Any, batch: Batch, rng: jax.Array, *, model: BertForPreTraining, grad_accum_steps: int
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model: BertForPreTraining,
+    grad_accum_steps: int,
+    scale: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
     """Loss, metric sums and gradients of the full batch, accumulated over micro-batches."""
     totals = batch_totals(batch)
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    grad_fn = jax.value_and_grad(_scaled_loss, has_aux=True)
     if grad_accum_steps == 1:
-        (value, sums), grads = grad_fn(params, batch, rng, model=model, totals=totals)
-        return value, sums, grads
+        (_, (value, sums)), grads = grad_fn(
+            params, batch, rng, model=model, totals=totals, scale=scale
+        )
+        return value, sums, _unscale(grads, scale)
 
-    micro_grad_fn = functools.partial(grad_fn, model=model, totals=totals)
+    micro_grad_fn = functools.partial(grad_fn, model=model, totals=totals, scale=scale)
 
     def add_micro_batch(carry, micro):
         index, micro_batch = micro
@@ -274,12 +324,80 @@ def _gradients(
     micro = _micro_batches(batch, grad_accum_steps)
     first = jax.tree.map(lambda x: x[0], micro)
     shapes = jax.eval_shape(micro_grad_fn, params, first, rng)
-    ((value, sums), grads), _ = jax.lax.scan(
+    ((_, (value, sums)), grads), _ = jax.lax.scan(
         add_micro_batch,
         jax.tree.map(jnp.zeros_like, shapes),
         (jnp.arange(grad_accum_steps), micro),
     )
-    return value, sums, grads
+    return value, sums, _unscale(grads, scale)
+
+
+def row_loss(
+    params: Any,
+    row: Batch,
+    rng: jax.Array,
+    *,
+    model: BertForPreTraining,
+    scale: jax.Array | None = None,
+) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    """The DP-SGD objective of one row (arrays without the batch axis).
+
+    A row's loss is its masked-LM loss per weighted slot (the sum over its own masked slots
+    divided by its own weight sum; 0 for a row without masked slots) plus its next-sentence
+    loss; the step's objective is the mean of the row losses.
+
+    Returns:
+      (loss times `scale`, (loss, metric sums)).
+    """
+    return _scaled_loss(params, {k: v[None] for k, v in row.items()}, rng, model=model, scale=scale)
+
+
+def _private_gradients(
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    *,
+    model: BertForPreTraining,
+    grad_accum_steps: int,
+    dp: privacy.DpSgd,
+    scale: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array], Any, jax.Array]:
+    """DP-SGD: mean loss, metric sums, noisy mean of the clipped row gradients, rows clipped.
+
+    Each row's gradient is clipped to `dp.l2_clip` (with loss scaling: the scaled gradient to
+    `l2_clip * scale`, then unscaled), the clipped gradients are summed over all rows and
+    micro-batches, noise of std `noise_multiplier * l2_clip` is added once, from a key derived
+    from the step key (the same on every device), and the sum is divided by the row count.
+    """
+    num_rows = batch["input_word_ids"].shape[0]
+    row_ids = jnp.arange(num_rows, dtype=jnp.int32)
+    clip = dp.l2_clip if scale is None else dp.l2_clip * scale
+    one_batch = functools.partial(
+        privacy.clipped_gradient_sum,
+        functools.partial(row_loss, model=model, scale=scale),
+        params,
+        rng=rng,
+        l2_clip=clip,
+    )
+    if grad_accum_steps == 1:
+        (values, sums), grad_sum, num_clipped = one_batch(batch, row_ids=row_ids)
+    else:
+
+        def add_micro_batch(carry, micro):
+            micro_batch, micro_ids = micro
+            outputs = one_batch(micro_batch, row_ids=micro_ids)
+            return jax.tree.map(jnp.add, carry, outputs), None
+
+        micro = (_micro_batches(batch, grad_accum_steps), _split_rows(row_ids, grad_accum_steps))
+        first = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda m: one_batch(m[0], row_ids=m[1]), first)
+        ((values, sums), grad_sum, num_clipped), _ = jax.lax.scan(
+            add_micro_batch, jax.tree.map(jnp.zeros_like, shapes), micro
+        )
+    grad_sum = _unscale(grad_sum, scale)
+    noisy = privacy.add_noise(grad_sum, privacy.noise_key(rng), dp.noise_multiplier * dp.l2_clip)
+    grads = jax.tree.map(lambda g: g / num_rows, noisy)
+    return values / num_rows, sums, grads, num_clipped
 
 
 def train_step(
@@ -290,6 +408,9 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
+    dp: privacy.DpSgd | None = None,
+    ema_decay: float = 0.0,
+    loss_scale_growth_steps: int = 2000,
 ) -> tuple[TaskState, Logs]:
     """One optimizer update on a global batch.
 
@@ -301,27 +422,71 @@ def train_step(
       tx: the optimizer.
       schedule: the learning-rate schedule (for logging the rate this update used).
       grad_accum_steps: micro-batches per update.
+      dp: DP-SGD settings (`privacy.from_config`), or None for ordinary training.
+      ema_decay: the EMA decay; used when `state.ema_params` is not None.
+      loss_scale_growth_steps: with `state.loss_scale`: finite steps after which it doubles.
 
     Returns:
       (new state, logs): logs hold `loss`, `grad_norm`, `learning_rate`, the metric sums and,
       with `optax.apply_if_finite` (as `create_optimizer` builds it), `skipped_steps` (1 when
-      this update was skipped as non-finite) and `consecutive_skips`.
+      this update was skipped as non-finite) and `consecutive_skips`; with DP-SGD
+      `dp_clipped_rows` / `dp_rows`; with loss scaling `loss_scale` (the scale this step used).
     """
     rng = jax.random.fold_in(state.rng, state.step)
-    value, sums, grads = _gradients(
-        state.params, batch, rng, model=model, grad_accum_steps=grad_accum_steps
-    )
+    scale = None if state.loss_scale is None else state.loss_scale.scale
+    logs: Logs = {}
+    if dp is None:
+        value, sums, grads = _gradients(
+            state.params, batch, rng, model=model, grad_accum_steps=grad_accum_steps, scale=scale
+        )
+    else:
+        value, sums, grads, num_clipped = _private_gradients(
+            state.params,
+            batch,
+            rng,
+            model=model,
+            grad_accum_steps=grad_accum_steps,
+            dp=dp,
+            scale=scale,
+        )
+        logs["dp_clipped_rows"] = num_clipped.astype(jnp.float32)
+        logs["dp_rows"] = jnp.asarray(batch["input_word_ids"].shape[0], jnp.float32)
+    # float16 overflow: skip the update (params and moments unchanged) and halve the scale.
+    # Above the minimum scale such a skip is expected and bypasses the divergence guard; at the
+    # minimum the gradients reach `apply_if_finite`, which skips and counts them.
+    overflow = jnp.asarray(False)
+    if state.loss_scale is not None:
+        finite = loss_scale_lib.all_finite(grads)
+        overflow = ~finite & (scale > loss_scale_lib.MIN_SCALE)
+        grads = jax.tree.map(lambda g: jnp.where(overflow, jnp.zeros_like(g), g), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    logs = dict(sums)
+    if state.loss_scale is not None:
+        keep_old = functools.partial(jax.tree.map, lambda new, old: jnp.where(overflow, old, new))
+        params, opt_state = keep_old((params, opt_state), (state.params, state.opt_state))
+    applied = ~overflow
+    logs.update(sums)
     logs["loss"] = value
     logs["grad_norm"] = optax.tree.norm(grads)
     logs["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     if isinstance(opt_state, optax.ApplyIfFiniteState):
         # The divergence guard skipped this update when a value was not finite.
-        logs["skipped_steps"] = 1 - opt_state.last_finite.astype(jnp.int32)
+        applied = applied & opt_state.last_finite
+        logs["skipped_steps"] = 1 - applied.astype(jnp.int32)
         logs["consecutive_skips"] = opt_state.notfinite_count
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if state.ema_params is not None:
+        # A skipped update leaves the average unchanged too.
+        new_state = new_state.replace(
+            ema_params=ema_update(state.ema_params, params, ema_decay, applied)
+        )
+    if state.loss_scale is not None:
+        logs["loss_scale"] = scale
+        new_state = new_state.replace(
+            loss_scale=loss_scale_lib.adjust(
+                state.loss_scale, ~overflow & applied, loss_scale_growth_steps
+            )
+        )
     return new_state, logs
 
 
@@ -413,4 +578,6 @@ def reduce_aggregated_logs(aggregated: Logs, global_step: int | None = None) -> 
             metrics[name] = aggregated[name]
     if "skipped_steps" in aggregated:
         metrics["skipped_steps"] = aggregated["skipped_steps"]
+    if "dp_rows" in aggregated:
+        metrics["dp_clipped_fraction"] = ratio("dp_clipped_rows", "dp_rows")
     return metrics

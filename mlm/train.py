@@ -16,10 +16,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, distributed, initialize, parallel, task
+from mlm import checkpoint, distributed, initialize, parallel, privacy, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
@@ -124,8 +125,10 @@ class _TrainLogger:
         bar: Any,
         max_consecutive_skips: int = 2**30,
         last_saved: Callable[[], int | None] = lambda: None,
+        extra_metrics: Callable[[int], dict[str, float]] = lambda step: {},
     ):
         self._writer = writer
+        self._extra_metrics = extra_metrics
         self._max_consecutive_skips = max_consecutive_skips
         self._last_saved = last_saved
         self._log_every = log_every
@@ -177,6 +180,7 @@ class _TrainLogger:
         if step % self._log_every and step != self._last_step:
             return
         metrics = task.reduce_aggregated_logs(self._aggregated, step)
+        metrics.update(self._extra_metrics(step))
         elapsed = now - self._interval_start
         if self._steps and elapsed > 0:
             metrics["tokens_per_s"] = self._tokens / elapsed
@@ -266,6 +270,9 @@ def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
             tx=tx,
             schedule=schedule,
             grad_accum_steps=config.optimizer.grad_accum_steps,
+            dp=privacy.from_config(config),
+            ema_decay=config.optimizer.ema_decay,
+            loss_scale_growth_steps=config.optimizer.loss_scale_growth_steps,
         ),
         in_shardings=(shardings, batch_sharding),
         out_shardings=(shardings, replicated),
@@ -343,7 +350,7 @@ def train_and_evaluate(
     else:
         state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
         if config.train.init_checkpoint:
-            state = _initialize_from(config, workdir, state)
+            state = _initialize_from(config, workdir, state, shardings)
     if mode != "eval":  # An evaluation leaves the run's config.json as it is.
         write_config(config, workdir)
     results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
@@ -354,7 +361,7 @@ def train_and_evaluate(
         if inputs.eval is None:
             return
         metrics = evaluate(
-            eval_fn, state.params, iter(inputs.eval), config.train.eval_steps, mesh, step
+            eval_fn, eval_params(state), iter(inputs.eval), config.train.eval_steps, mesh, step
         )
         writer.write("eval_metrics", metrics)
         results["eval"] = metrics
@@ -362,7 +369,8 @@ def train_and_evaluate(
             checkpoint.save_best(best_manager, step, state, metrics)
         if jax.process_index() == 0:
             shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
-            print(f"eval step {step}: {shown}", file=sys.stderr)
+            which = " (EMA params)" if state.ema_params is not None else ""
+            print(f"eval step {step}{which}: {shown}", file=sys.stderr)
 
     bar = None
     try:
@@ -384,6 +392,7 @@ def train_and_evaluate(
             bar,
             config.train.max_consecutive_skips,
             manager.latest_step,
+            functools.partial(_privacy_metrics, config),
         )
         every = config.train.eval_every
         with PreemptionWatcher(manager.reached_preemption) as watcher:
@@ -417,6 +426,14 @@ def train_and_evaluate(
         logger.flush()
         bar.close()
         results["train"] = logger.last_metrics
+        if config.privacy.enabled:
+            results["train"].update(_privacy_metrics(config, last))
+            _report(
+                f"privacy: epsilon {results['train']['privacy_epsilon']:.4g} at delta "
+                f"{config.privacy.delta:g} after {last} steps (sampling rate "
+                f"{privacy.sampling_rate(config):.4g}, noise multiplier "
+                f"{config.privacy.noise_multiplier:g}, RDP accountant)"
+            )
         if start == last and mode == "train_and_eval":
             run_eval(last)
         return results
@@ -444,6 +461,18 @@ def train_and_evaluate(
             writer.close()
 
 
+def eval_params(state: task.TaskState) -> Any:
+    """The params evaluation and prediction use: the EMA params when kept, else the params."""
+    return state.params if state.ema_params is None else state.ema_params
+
+
+def _privacy_metrics(config: ml_collections.ConfigDict, step: int) -> dict[str, float]:
+    """`privacy_epsilon` after `step` steps (host side, cached per step count), or nothing."""
+    if not config.privacy.enabled:
+        return {}
+    return {"privacy_epsilon": privacy.epsilon_for_config(config, step)}
+
+
 def _state_mismatch(
     error: ConfigError,
     previous: dict | None,
@@ -465,13 +494,19 @@ def _state_mismatch(
     )
 
 
-def _initialize_from(config: ml_collections.ConfigDict, workdir: str, state: Any) -> Any:
+def _initialize_from(
+    config: ml_collections.ConfigDict, workdir: str, state: Any, shardings: Any
+) -> Any:
     """Loads `train.init_checkpoint` into a new run's state (every process) and reports it."""
     source_dir, _ = initialize.resolve_checkpoint(config.train.init_checkpoint)
     initialize.check_vocab(source_dir, workdir)
     state, report = initialize.load_initial_state(
         state, config.train.init_checkpoint, init_optimizer=config.train.init_optimizer
     )
+    if state.ema_params is not None:
+        # The average starts at the loaded params, as it starts at the initial ones.
+        copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings.ema_params)
+        state = state.replace(ema_params=copy(state.params))
     if jax.process_index() == 0:
         print(report.format_report(), end="", file=sys.stderr)
         initialize.write_report(report, workdir)

@@ -1,11 +1,19 @@
-"""Tests for mlm.checkpoint: FUSE-mount detection and commit-file checkpoints."""
+"""Tests for mlm.checkpoint: FUSE-mount detection, commit-file checkpoints, state structures."""
 
 import os
+from typing import Any
 
+import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
+import pytest
 
-from mlm import checkpoint
+from mlm import checkpoint, task
+from mlm import config as config_lib
+from mlm.errors import ConfigError
+from mlm.optim import create_optimizer
 
 MOUNTS = """\
 sysfs /sys sysfs rw 0 0
@@ -39,4 +47,67 @@ def test_commit_file_checkpoints_save_and_restore(tmp_path, monkeypatch):
     assert manager.latest_step() == 3
     restored = checkpoint.restore(manager, 3, state)
     np.testing.assert_array_equal(restored["w"], state["w"])
+    manager.close()
+
+
+@flax.struct.dataclass
+class TaskStateBeforeEma:
+    """TaskState as it was before ema_params / loss_scale, saved as that code saved it."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def tiny_state(ema_decay=0.0, dtype="float32"):
+    config = config_lib.base_config()
+    config.model.update(
+        vocab_size=40, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16
+    )
+    config.model.update(max_position_embeddings=16, dtype=dtype)
+    config.data.update(seq_length=16, max_predictions_per_seq=2, use_next_sentence_label=False)
+    config.optimizer.update(warmup_steps=0, ema_decay=ema_decay)
+    config.train.num_steps = 10
+    config = config_lib.validate(config)
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    return init_fn(jax.random.PRNGKey(1)), jax.eval_shape(init_fn, jax.random.PRNGKey(0))
+
+
+def assert_trees_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_checkpoint_written_before_ema_and_loss_scale_restores(tmp_path):
+    state, abstract = tiny_state()
+    assert state.ema_params is None and state.loss_scale is None
+    old = TaskStateBeforeEma(state.step + 7, state.params, state.opt_state, state.rng)
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), keep=0)
+    item = {checkpoint.STATE_ITEM: ocp.args.StandardSave(old)}  # The old checkpoint.save.
+    manager.save(7, args=ocp.args.Composite(**item))
+    manager.wait_until_finished()
+    restored, step = checkpoint.restore_latest_intact(manager, abstract, report=print)
+    assert step == 7 and isinstance(restored, task.TaskState)
+    assert restored.ema_params is None and restored.loss_scale is None
+    assert int(restored.step) == 7
+    assert_trees_equal((restored.params, restored.opt_state), (state.params, state.opt_state))
+    # Turning EMA on for that run builds another state: refused with the one-line error.
+    _, with_ema = tiny_state(ema_decay=0.9)
+    with pytest.raises(ConfigError, match="another structure"):
+        checkpoint.restore_latest_intact(manager, with_ema, report=print)
+    manager.close()
+
+
+def test_ema_params_and_loss_scale_are_saved_and_restored(tmp_path):
+    state, abstract = tiny_state(ema_decay=0.5, dtype="float16")
+    state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
+    manager = checkpoint.make_manager(str(tmp_path / "checkpoints"), keep=0)
+    checkpoint.save(manager, 3, state, None)
+    manager.wait_until_finished()
+    restored = checkpoint.restore(manager, 3, abstract)
+    assert_trees_equal(restored, state)
     manager.close()

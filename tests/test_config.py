@@ -1,6 +1,7 @@
 """Tests for mlm.config: the schema, validation errors and override checks."""
 
 import glob
+import json
 import os
 
 import ml_collections
@@ -64,7 +65,9 @@ def test_int_for_float_field_is_converted():
     "section,field,value,message",
     [
         ("model", "num_heads", 7, "divisible by model.num_heads"),
-        ("model", "dtype", "float16", "model.dtype must be one of"),
+        ("model", "dtype", "float8", "model.dtype must be one of"),
+        ("optimizer", "ema_decay", 1.0, "optimizer.ema_decay must be in"),
+        ("optimizer", "loss_scale_init", 0.5, "optimizer.loss_scale_init must be >= 1"),
         ("model", "activation", "relu", "model.activation must be one of"),
         ("data", "seq_length", 1024, "max_position_embeddings"),
         ("data", "max_predictions_per_seq", 0, "max_predictions_per_seq"),
@@ -122,3 +125,35 @@ def test_ill_typed_assignment_in_config_file_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"typo\.py.*num_steps") as error:
         config_lib.load_config_file(str(path))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("num_examples", 0, "privacy.enabled needs privacy.num_examples"),
+        ("num_examples", 10, r"privacy.num_examples \(10\) must be >= train.global_batch_size"),
+        ("l2_clip", 0.0, "privacy.l2_clip must be > 0"),
+        ("noise_multiplier", 0.0, "privacy.noise_multiplier must be > 0"),
+        ("delta", 1.0, r"privacy.delta must be in \(0, 1\)"),
+    ],
+)
+def test_bad_privacy_values_are_rejected_only_when_enabled(field, value, message):
+    config = config_lib.base_config()
+    config.privacy.num_examples = 100_000
+    config.privacy[field] = value
+    config_lib.validate(config)  # Off: not checked.
+    config = config_lib.base_config()
+    config.privacy.update(enabled=True, num_examples=100_000)
+    config.privacy[field] = value
+    with pytest.raises(ConfigError, match=message):
+        config_lib.validate(config)
+
+
+def test_config_json_without_the_new_sections_loads_with_their_defaults():
+    old = json.loads(config_lib.to_json(config_lib.base_config()))
+    del old["privacy"]
+    for field in ("ema_decay", "loss_scale_init", "loss_scale_growth_steps"):
+        del old["optimizer"][field]
+    config = config_lib.from_json(json.dumps(old))
+    assert not config.privacy.enabled
+    assert config.optimizer.ema_decay == 0.0

@@ -1,14 +1,16 @@
 """Tests for mlm.optim: schedule values, weight-decay mask, AdamW/LAMB updates, clipping, errors."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import traverse_util
 
+from mlm import loss_scale
 from mlm.errors import ConfigError
-from mlm.optim import create_optimizer, learning_rate_schedule, weight_decay_mask
+from mlm.optim import create_optimizer, ema_update, learning_rate_schedule, weight_decay_mask
 
 DECAYED_NAMES = [
     "encoder/word_embeddings/embedding",
@@ -198,3 +200,26 @@ def test_unknown_optimizer_name_raises_config_error():
 def test_invalid_grad_accum_steps_raises_config_error(accum):
     with pytest.raises(ConfigError, match="grad_accum_steps"):
         create_optimizer(make_config(grad_accum_steps=accum), num_steps=10)
+
+
+def test_ema_update_matches_the_closed_form_on_a_toy_sequence():
+    decay, history = 0.9, [jnp.asarray([1.0, -2.0]) * i for i in range(6)]
+    ema = history[0]
+    for params in history[1:]:
+        ema = ema_update({"w": ema}, {"w": params}, decay)["w"]
+    k = len(history) - 1
+    expected = decay**k * history[0] + (1 - decay) * sum(
+        decay ** (k - i) * history[i] for i in range(1, k + 1)
+    )
+    np.testing.assert_allclose(ema, expected, rtol=1e-6)
+    kept = ema_update({"w": ema}, {"w": history[1]}, decay, applied=False)["w"]
+    np.testing.assert_array_equal(kept, ema)
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_growth_steps():
+    state = loss_scale.initial(8.0)
+    trace = []
+    for finite in (True, True, True, False, True, False, False, False, False):
+        state = loss_scale.adjust(state, jnp.asarray(finite), growth_steps=3)
+        trace.append(float(state.scale))
+    assert trace == [8.0, 8.0, 16.0, 8.0, 8.0, 4.0, 2.0, 1.0, 1.0]  # Never below MIN_SCALE.

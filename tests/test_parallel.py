@@ -209,3 +209,28 @@ def test_every_layout_logs_the_same_losses(corpus, tmp_path):
     assert len(reference) == 6
     for name, values in losses.items():
         np.testing.assert_allclose(values, reference, rtol=1e-5, err_msg=name)
+
+
+def test_a_dp_run_logs_the_same_losses_on_one_device_and_on_eight(corpus, tmp_path):
+    # Noise is drawn once per global step from the replicated step key, and each row's dropout
+    # key is its index in the global batch: the layout changes neither.
+    logged = {}
+    for name, (processes, devices, data, fsdp) in (
+        ("dp_1_device", EQUIVALENT_LAYOUTS["1 device"]),
+        ("dp_data8", EQUIVALENT_LAYOUTS["8 devices, data=8"]),
+    ):
+        config = tiny_config(corpus, global_batch_size=8, checkpoint_every=6)
+        with config.unlocked():
+            config.mesh.update(data=data, fsdp=fsdp)
+            config.data.input_shards = 2
+            config.privacy.update(enabled=True, l2_clip=0.5, noise_multiplier=1.0, num_examples=400)
+        workdir = str(tmp_path / name)
+        run_processes("train", config, workdir, tmp_path, processes, devices, name=name)
+        with open(os.path.join(workdir, "metrics.jsonl")) as file:
+            logged[name] = [json.loads(line) for line in file]
+    one, eight = logged["dp_1_device"], logged["dp_data8"]
+    assert len(one) == 6
+    for key in ("loss", "grad_norm", "privacy_epsilon"):
+        np.testing.assert_allclose(
+            [r[key] for r in eight], [r[key] for r in one], rtol=1e-5, err_msg=key
+        )

@@ -248,3 +248,85 @@ def test_reduce_eval_sums_gives_validation_loss():
     assert metrics["validation_loss"] == pytest.approx(2.0)
     assert metrics["masked_lm_accuracy"] == pytest.approx(1.0)
     assert "next_sentence_loss" not in metrics
+
+
+def make_full_state(config):
+    """Model, optimizer and state as the driver builds them (EMA, loss scale from the config)."""
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    return model, tx, task.state_initializer(config, model, tx)(jax.random.PRNGKey(0))
+
+
+def test_ema_params_after_k_steps_equal_the_closed_form():
+    config = tiny_config()
+    with config.unlocked():
+        config.optimizer.ema_decay = 0.8
+    model, tx, state = make_full_state(config)
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    train = jax.jit(
+        functools.partial(task.train_step, model=model, tx=tx, schedule=schedule, ema_decay=0.8)
+    )
+    history = [state.params]
+    for seed in range(3):
+        state, _ = train(state, random_batch(seed))
+        history.append(state.params)
+    # ema_k = d^k p_0 + (1 - d) * sum_{i=1..k} d^(k-i) p_i
+    d, k = 0.8, 3
+    expected = jax.tree.map(
+        lambda *ps: d**k * ps[0] + (1 - d) * sum(d ** (k - i) * ps[i] for i in range(1, k + 1)),
+        *history,
+    )
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert not np.allclose(jax.tree.leaves(state.ema_params)[0], jax.tree.leaves(state.params)[0])
+    # A skipped (non-finite) update leaves the average where it was.
+    bad = random_batch(5)
+    bad["masked_lm_weights"] = np.full_like(bad["masked_lm_weights"], np.inf)
+    skipped, logs = train(state, bad)
+    assert int(logs["skipped_steps"]) == 1
+    for a, b in zip(
+        jax.tree.leaves(skipped.ema_params), jax.tree.leaves(state.ema_params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_float16_overflow_skips_the_step_and_halves_the_scale():
+    config = tiny_config()
+    with config.unlocked():
+        config.model.dtype = "float16"
+        config.optimizer.loss_scale_growth_steps = 2
+    model, tx, state = make_full_state(config)
+    assert float(state.loss_scale.scale) == config.optimizer.loss_scale_init
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    train = jax.jit(
+        functools.partial(
+            task.train_step, model=model, tx=tx, schedule=schedule, loss_scale_growth_steps=2
+        )
+    )
+    batch = random_batch(1)
+    state, logs = train(state, batch)
+    assert int(logs["skipped_steps"]) == 0
+    # Inject an overflow: at a scale of 2^20 the float16 backward pass overflows.
+    big = state.replace(loss_scale=state.loss_scale.replace(scale=jnp.float32(2.0**20)))
+    after, logs = train(big, batch)
+    assert np.isfinite(float(logs["loss"]))  # The loss itself is fine; its gradients are not.
+    assert int(logs["skipped_steps"]) == 1
+    assert int(logs["consecutive_skips"]) == 0  # Expected under loss scaling: no divergence.
+    assert float(logs["loss_scale"]) == 2.0**20
+    assert float(after.loss_scale.scale) == 2.0**19
+    for a, b in zip(
+        jax.tree.leaves((big.params, big.opt_state)),
+        jax.tree.leaves((after.params, after.opt_state)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(after.step) == int(big.step) + 1
+    # Finite steps at a sane scale: applied, and the scale doubles after growth_steps of them.
+    state = after.replace(loss_scale=after.loss_scale.replace(scale=jnp.float32(1024.0)))
+    scales = []
+    for seed in (2, 3, 4):
+        state, logs = train(state, random_batch(seed))
+        assert int(logs["skipped_steps"]) == 0
+        scales.append(float(state.loss_scale.scale))
+    assert scales == [1024.0, 2048.0, 2048.0]
+    assert np.isfinite(float(logs["loss"]))

@@ -397,3 +397,56 @@ def test_init_checkpoint_starts_a_new_run_from_trained_params(trained, tmp_path)
     config.train.init_checkpoint = str(tmp_path / "missing")
     with pytest.raises(config_lib.ConfigError, match="missing"):
         train_and_evaluate(config, str(tmp_path / "third"))
+
+
+def restore_state(workdir, config, step):
+    """The TaskState of a workdir's checkpoint `step`, built as `config` builds it."""
+    import jax
+
+    from mlm import checkpoint, task
+    from mlm.optim import create_optimizer
+
+    config = config_lib.validate(config)
+    model = task.build_model(config)
+    tx = create_optimizer(config.optimizer, config.train.num_steps)
+    init_fn = task.state_initializer(config, model, tx)
+    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), keep=0)
+    state = checkpoint.restore(manager, step, jax.eval_shape(init_fn, jax.random.PRNGKey(0)))
+    manager.close()
+    return state
+
+
+def test_ema_run_evaluates_and_fills_masks_with_the_ema_params(trained, tmp_path, capfd):
+    import jax
+
+    config = tiny_config()
+    config.train.update(num_steps=6, log_every=3, eval_every=0, checkpoint_every=6)
+    config.optimizer.update(warmup_steps=1, ema_decay=0.5)
+    workdir = str(tmp_path / "ema")
+    train_and_evaluate(config, workdir)
+    assert "eval step 6 (EMA params)" in capfd.readouterr().err
+    predictor = fill_mask.load_predictor(workdir)
+    assert predictor.ema and predictor.step == 6
+    state = restore_state(workdir, config, 6)
+    leaves = jax.tree.leaves
+    for served, ema in zip(leaves(predictor.params), leaves(state.ema_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(served), np.asarray(ema))
+    differs = [
+        not np.array_equal(e, r)
+        for e, r in zip(leaves(state.ema_params), leaves(state.params), strict=True)
+    ]
+    assert any(differs)
+    # --mode eval evaluates the same (EMA) params as the end of training did.
+    again = train_and_evaluate(config, workdir, mode="eval")["eval"]
+    assert again == read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))[-1]
+    # From a run without EMA (train.init_checkpoint): the average starts at the loaded params.
+    source = restore_state(trained[0], tiny_config(), NUM_STEPS)
+    config.train.update(num_steps=1, init_checkpoint=trained[0], checkpoint_every=1)
+    config.optimizer.update(warmup_steps=0)
+    started = str(tmp_path / "ema_from_plain")
+    train_and_evaluate(config, started)
+    state = restore_state(started, config, 1)
+    for ema, loaded, new in zip(
+        leaves(state.ema_params), leaves(source.params), leaves(state.params), strict=True
+    ):
+        np.testing.assert_allclose(ema, 0.5 * loaded + 0.5 * new, rtol=1e-6, atol=1e-7)
