@@ -54,6 +54,7 @@ class Converted:
       num_parameters: their total number of elements.
       next_sentence: the model has the next-sentence head.
       left_out: source tensors not converted (heads of other tasks and the like).
+      ema: the exported weights are the run's EMA params (`optimizer.ema_decay` > 0).
     """
 
     output: str
@@ -61,6 +62,7 @@ class Converted:
     num_parameters: int
     next_sentence: bool
     left_out: list[str]
+    ema: bool = False
 
     def summary(self) -> str:
         """One line for the console."""
@@ -69,6 +71,7 @@ class Converted:
             f"wrote {self.output}: {self.num_tensors} tensors, {self.num_parameters:,} "
             f"parameters, {head} the next-sentence head"
         )
+        line += " (the EMA params)" if self.ema else ""
         if self.left_out:
             line += f"; left out {len(self.left_out)}: {', '.join(self.left_out[:5])}"
             line += " ..." if len(self.left_out) > 5 else ""
@@ -257,6 +260,8 @@ def from_tf_bert(
 def to_hf(workdir: str, output: str) -> Converted:
     """Exports the latest checkpoint of an mlm workdir as a Hugging Face model directory.
 
+    With `optimizer.ema_decay` > 0 the EMA params are exported, as eval and fill_mask use them.
+
     Args:
       workdir: written by `mlm.train` (or `--from`).
       output: the new directory.
@@ -280,7 +285,7 @@ def to_hf(workdir: str, output: str) -> Converted:
             directory, hf_config, tensors, vocab_text, predictor.config.data.lowercase
         ),
     )
-    return Converted(os.path.abspath(output), *_count(params), next_sentence, [])
+    return Converted(os.path.abspath(output), *_count(params), next_sentence, [], ema=predictor.ema)
 
 
 def _parse_bool(text: str) -> bool:

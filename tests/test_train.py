@@ -436,6 +436,18 @@ def test_ema_run_evaluates_and_fills_masks_with_the_ema_params(trained, tmp_path
         for e, r in zip(leaves(state.ema_params), leaves(state.params), strict=True)
     ]
     assert any(differs)
+    # mlm.convert --to hf exports the EMA params too.
+    from safetensors.numpy import load_file
+
+    from mlm import convert
+
+    exported = convert.to_hf(workdir, str(tmp_path / "hf"))
+    assert exported.ema and "(the EMA params)" in exported.summary()
+    tensors = load_file(os.path.join(exported.output, "model.safetensors"))
+    np.testing.assert_array_equal(
+        tensors["bert.embeddings.word_embeddings.weight"],
+        np.asarray(state.ema_params["encoder"]["word_embeddings"]["embedding"]),
+    )
     # --mode eval evaluates the same (EMA) params as the end of training did.
     again = train_and_evaluate(config, workdir, mode="eval")["eval"]
     assert again == read_jsonl(os.path.join(workdir, "eval_metrics.jsonl"))[-1]
