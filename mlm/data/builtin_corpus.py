@@ -324,6 +324,21 @@ def _module_name(relative_path: str) -> str:
     return ".".join(parts)
 
 
+def _parse(source: bytes, path: str, attempts: int = 3) -> ast.Module:
+    """`ast.parse`, retried on CPython 3.11's spurious "AST constructor recursion depth mismatch"
+    SystemError (python/cpython#106905, seen here with other threads running); skipping the file
+    instead would silently change the corpus."""
+    for attempt in range(attempts):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return ast.parse(source, filename=path)
+        except SystemError as error:
+            if "recursion depth mismatch" not in str(error) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def module_docstrings(path: str) -> list[str]:
     """The module, class and function docstrings of a Python file, in source order.
 
@@ -336,9 +351,7 @@ def module_docstrings(path: str) -> list[str]:
     try:
         with open(path, "rb") as file:
             source = file.read()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = ast.parse(source, filename=path)
+        tree = _parse(source, path)
     except (OSError, SyntaxError, ValueError):
         return []
     docstrings = []
