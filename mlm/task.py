@@ -161,7 +161,10 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
     weights = batch["masked_lm_weights"].astype(jnp.float32)
     labels = batch["masked_lm_ids"]
     per_slot = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    # The label's logit is the largest: argmax == label, except that a tie counts as correct.
+    # An argmax over V = 30522 took ~70 ms per step on XLA:CPU, a max ~3 ms.
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    correct = (label_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     sums = {
         "lm_loss_sum": jnp.sum(per_slot * weights),
         "lm_weight_sum": jnp.sum(weights),
