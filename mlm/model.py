@@ -17,6 +17,7 @@ import jax.numpy as jnp
 LAYER_NORM_EPSILON = 1e-12
 INITIALIZER_STDDEV = 0.02
 
+
 @jax.custom_vjp
 def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return x @ w

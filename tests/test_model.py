@@ -10,9 +10,11 @@ from flax import traverse_util
 
 from mlm.model import (
     BertForPreTraining,
+    add_vocab_bias,
     attention_mask,
     dropout_attention,
     fused_attention,
+    kernel_dot_general,
 )
 
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS, TYPES = 64, 32, 2, 4, 48, 16, 2
@@ -366,3 +368,45 @@ def test_init_is_truncated_normal_and_biases_zero():
             np.testing.assert_array_equal(value, 1.0)
         else:
             np.testing.assert_array_equal(value, 0.0)
+
+
+@pytest.mark.parametrize(
+    "input_shape, kernel_shape, contract",
+    [
+        ((3, 5, 8), (8, 6), 1),  # Dense
+        ((3, 5, 8), (8, 2, 4), 1),  # DenseGeneral to heads (query / key / value)
+        ((3, 5, 2, 4), (2, 4, 8), 2),  # DenseGeneral from heads (attention output)
+    ],
+)
+def test_kernel_dot_general_matches_dot_general_with_gradients(input_shape, kernel_shape, contract):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], input_shape)
+    w = jax.random.normal(keys[1], kernel_shape)
+    dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
+    out_shape = input_shape[: x.ndim - contract] + kernel_shape[contract:]
+    cotangent = jax.random.normal(keys[2], out_shape)
+
+    def objective(dot):
+        return lambda x, w: jnp.sum(dot(x, w, dims) * cotangent)
+
+    ours = jax.value_and_grad(objective(kernel_dot_general), argnums=(0, 1))(x, w)
+    plain = jax.value_and_grad(objective(jax.lax.dot_general), argnums=(0, 1))(x, w)
+    assert kernel_dot_general(x, w, dims).shape == out_shape
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_add_vocab_bias_gradient_is_the_row_sum():
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    logits = jax.random.normal(keys[0], (3, 4, 7))
+    bias = jax.random.normal(keys[1], (7,))
+    weights = jnp.arange(3 * 4 * 7, dtype=jnp.float32).reshape(3, 4, 7) / 10
+
+    def objective(add):
+        return lambda logits, bias: jnp.sum(jnp.sin(add(logits, bias)) * weights)
+
+    ours = jax.grad(objective(add_vocab_bias), argnums=(0, 1))(logits, bias)
+    plain = jax.grad(objective(jnp.add), argnums=(0, 1))(logits, bias)
+    np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
