@@ -19,6 +19,8 @@ import ml_collections
 from mlm.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# model.remat: per-block activation recomputation (mlm.model.REMAT_POLICIES).
+REMAT_MODES = ("none", "full", "dots")
 OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
 # Eval metrics a best checkpoint can be chosen by.
@@ -55,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
             dropout_rate=0.1,
             attention_dropout_rate=0.1,
             dtype="float32",
+            # Recompute each transformer block's activations in the backward pass to save
+            # memory (long sequences): 'none', 'full' (keep only block inputs) or 'dots'
+            # (keep matmul outputs). Same values and gradients, more compute.
+            remat="none",
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -244,6 +250,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(
         model.dtype in COMPUTE_DTYPES,
         f"model.dtype must be one of {', '.join(COMPUTE_DTYPES)}, got '{model.dtype}'",
+    )
+    _require(
+        model.remat in REMAT_MODES,
+        f"model.remat must be one of {', '.join(REMAT_MODES)}, got '{model.remat}'",
     )
     for name in ("dropout_rate", "attention_dropout_rate"):
         _require(0.0 <= model[name] < 1.0, f"model.{name} must be in [0, 1), got {model[name]}")

@@ -79,6 +79,12 @@ def kernel_dot_general(
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
 
+# `model.remat` values: the checkpoint policy of each transformer block ('none': no remat).
+REMAT_POLICIES = {
+    "full": None,  # Save only the block inputs.
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 # No stddev correction in jax's truncated_normal: values lie in (-0.04, 0.04), as in TF/BERT.
 kernel_init = nn.initializers.truncated_normal(INITIALIZER_STDDEV)
 layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32)
@@ -111,10 +117,25 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return ((same_segment & key_is_real) | itself)[:, None]
 
 
+def attention_implementation(dtype: jnp.dtype) -> str | None:
+    """'cudnn' (cuDNN flash attention) on GPU for 16-bit inputs; None (XLA) otherwise."""
+    if jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return None
+
+
 def fused_attention(
-    query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    mask: jax.Array,
+    implementation: str | None = "auto",
 ) -> jax.Array:
     """Attention without dropout via `jax.nn.dot_product_attention`.
+
+    The implementation is cuDNN's fused attention on GPU in bfloat16 / float16
+    (`attention_implementation`), XLA's otherwise; where cuDNN refuses the inputs (no cuDNN,
+    a shape or dtype it does not support) the XLA implementation runs instead, at trace time.
 
     Softmax precision, checked in jax 0.10.2 `jax/_src/nn/functions.py`
     (`_dot_product_attention_core`, used by the default 'xla' implementation): the QK^T einsum
@@ -127,10 +148,20 @@ def fused_attention(
     Args:
       query, key, value: [B, T, N, D] in the compute dtype.
       mask: bool, broadcastable to [B, N, T, T].
+      implementation: 'auto' (`attention_implementation`), 'cudnn', 'xla' or None (XLA).
 
     Returns:
       [B, T, N, D] in the input dtype.
     """
+    if implementation == "auto":
+        implementation = attention_implementation(query.dtype)
+    if implementation == "cudnn":
+        try:
+            return jax.nn.dot_product_attention(
+                query, key, value, mask=mask, implementation="cudnn"
+            )
+        except (RuntimeError, ValueError, NotImplementedError, TypeError):
+            pass  # No cuDNN here, or inputs it does not take: XLA below.
     return jax.nn.dot_product_attention(query, key, value, mask=mask)
 
 
@@ -212,8 +243,11 @@ class TransformerLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
-        """Args: x float32 [B, S, H]; mask bool [B, 1, S, S]. Returns: float32 [B, S, H]."""
+    def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
+        """Args: x float32 [B, S, H]; mask bool [B, 1, S, S]. Returns: float32 [B, S, H].
+
+        `deterministic` is positional so that `nn.remat` can mark it static.
+        """
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
         attended = SelfAttention(
             self.hidden_size,
@@ -243,6 +277,7 @@ class Encoder(nn.Module):
     dropout_rate: float
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     def setup(self) -> None:
         embed = functools.partial(nn.Embed, features=self.hidden_size, embedding_init=kernel_init)
@@ -251,8 +286,15 @@ class Encoder(nn.Module):
         self.type_embeddings = embed(self.type_vocab_size)
         self.embeddings_layer_norm = layer_norm()
         self.embeddings_dropout = nn.Dropout(self.dropout_rate)
+        layer_cls = TransformerLayer
+        if self.remat != "none":
+            # Activations of each block are recomputed in the backward pass (less memory, more
+            # compute); 'dots' keeps the matmul outputs without a batch dimension.
+            layer_cls = nn.remat(
+                TransformerLayer, static_argnums=(3,), policy=REMAT_POLICIES[self.remat]
+            )
         self.layers = [
-            TransformerLayer(
+            layer_cls(
                 self.hidden_size,
                 self.num_heads,
                 self.intermediate_size,
@@ -298,7 +340,7 @@ class Encoder(nn.Module):
         x = self.embeddings_dropout(x, deterministic=deterministic)
         mask = attention_mask(segment_ids)
         for layer in self.layers:
-            x = layer(x, mask, deterministic=deterministic)
+            x = layer(x, mask, deterministic)
         return x
 
 
@@ -388,6 +430,7 @@ class BertForPreTraining(nn.Module):
     attention_dropout_rate: float = 0.1
     dtype: jnp.dtype = jnp.float32
     use_next_sentence: bool = False
+    remat: str = "none"
 
     def setup(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -406,6 +449,7 @@ class BertForPreTraining(nn.Module):
             self.dropout_rate,
             self.attention_dropout_rate,
             dtype=self.dtype,
+            remat=self.remat,
         )
         self.mlm_head = MaskedLMHead(self.hidden_size, self.vocab_size, dtype=self.dtype)
         if self.use_next_sentence:

@@ -69,6 +69,7 @@ def build_model(config: ml_collections.ConfigDict) -> BertForPreTraining:
         attention_dropout_rate=m.attention_dropout_rate,
         dtype=jnp.dtype(m.dtype),
         use_next_sentence=config.data.use_next_sentence_label,
+        remat=m.remat,
     )
 
 

@@ -11,6 +11,7 @@ from flax import traverse_util
 from mlm.model import (
     BertForPreTraining,
     add_vocab_bias,
+    attention_implementation,
     attention_mask,
     dropout_attention,
     fused_attention,
@@ -410,3 +411,40 @@ def test_add_vocab_bias_gradient_is_the_row_sum():
     np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
     for a, b in zip(ours, plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_params_outputs_and_gradients(remat):
+    plain, rematted = make_model(), make_model(remat=remat)
+    batch = make_batch()
+    variables = init(plain, batch)
+    assert jax.tree.map(jnp.shape, init(rematted, batch)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_array_equal(
+        flat_params(init(rematted, batch))["encoder/layer_1/output/kernel"],
+        flat_params(variables)["encoder/layer_1/output/kernel"],
+    )
+
+    def loss(model):
+        def fn(params):
+            rngs = {"dropout": jax.random.key(3)}
+            out = model.apply({"params": params}, batch, deterministic=False, rngs=rngs)
+            return jnp.sum(out["mlm_logits"] ** 2)
+
+        return jax.jit(jax.value_and_grad(fn))(variables["params"])
+
+    for a, b in zip(jax.tree.leaves(loss(rematted)), jax.tree.leaves(loss(plain)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_attention_falls_back_to_xla_where_unavailable():
+    # On CPU (no cuDNN) asking for cuDNN runs the XLA implementation; on GPU in bfloat16 the
+    # automatic choice is cuDNN.
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 8, 2, 4), jnp.bfloat16) for key in keys)
+    mask = attention_mask(jnp.array([[1] * 6 + [0] * 2, [1] * 3 + [2] * 5]))
+    expected = fused_attention(q, k, v, mask, implementation=None)
+    forced = jax.jit(lambda q, k, v: fused_attention(q, k, v, mask, implementation="cudnn"))
+    np.testing.assert_array_equal(forced(q, k, v), expected)
+    gpu = jax.default_backend() == "gpu"
+    assert attention_implementation(jnp.bfloat16) == ("cudnn" if gpu else None)
+    assert attention_implementation(jnp.float32) is None
