@@ -163,7 +163,7 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
     labels = batch["masked_lm_ids"]
     per_slot = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     # The label's logit is the largest: argmax == label, except that a tie counts as correct.
-    # An argmax over V = 30522 took ~70 ms per step on XLA:CPU, a max ~3 ms.
+    # On XLA:CPU an argmax over [640, 30522] took 70-90 ms, this 3 ms (README 'Performance').
     label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
     correct = (label_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     sums = {
