@@ -64,12 +64,14 @@ def kernel_dot_general(
     """
     (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
     count = len(rhs_contract)
-    trailing = tuple(range(lhs.ndim - count, lhs.ndim))
-    if lhs_batch or rhs_batch or tuple(lhs_contract) != trailing or precision is not None:
-        return jax.lax.dot_general(
-            lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
-        )
-    if tuple(rhs_contract) != tuple(range(count)):
+    dense_layout = (
+        tuple(lhs_contract) == tuple(range(lhs.ndim - count, lhs.ndim))
+        and tuple(rhs_contract) == tuple(range(count))
+        and not lhs_batch
+        and not rhs_batch
+        and precision is None
+    )
+    if not dense_layout:
         return jax.lax.dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
         )

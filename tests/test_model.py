@@ -448,3 +448,10 @@ def test_cudnn_attention_falls_back_to_xla_where_unavailable():
     gpu = jax.default_backend() == "gpu"
     assert attention_implementation(jnp.bfloat16) == ("cudnn" if gpu else None)
     assert attention_implementation(jnp.float32) is None
+
+
+def test_kernel_dot_general_other_layouts_fall_back_to_dot_general():
+    x = jax.random.normal(jax.random.PRNGKey(2), (8, 3, 5))
+    w = jax.random.normal(jax.random.PRNGKey(3), (8, 6))
+    dims = (((0,), (0,)), ((), ()))  # Contracts the leading input axis: not a Dense layout.
+    np.testing.assert_array_equal(kernel_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))
