@@ -1,7 +1,10 @@
-"""Benchmarks: the host input pipeline alone (`--input-only`) and the train state's memory per
-device on a mesh (`--state-memory`); model step benchmarks come later.
+"""Benchmarks: the train step (default) or eval step (`--eval`) with MFU, the host input pipeline
+alone (`--input-only`), the train state's memory per device on a mesh (`--state-memory`) and the
+cost of a checkpoint save (`--checkpoint-cost`).
 
 Run:
+  python -m mlm.bench --config configs/NAME.py [--config.x=y ...] [--steps 20] [--warmup 3] \
+      [--eval] [--real_fraction 0.94] [--model-garden-python /work/venv_tfm/bin/python]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mlm.bench --state-memory \
       --config configs/bert_large.py --config.mesh.fsdp=8
   python -m mlm.bench --input-only --seq_lengths 128,512 [--config configs/NAME.py] \
@@ -33,9 +36,11 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
+from mlm import step_bench
 from mlm.data.inputs import VOCAB_FILENAME, build_inputs
 from mlm.data.pipeline import prefetch
 from mlm.errors import ConfigError, DataError, MlmError
+from mlm.step_bench import DEFAULT_REAL_FRACTION
 
 # BERT's max_predictions_per_seq for its two sequence lengths (create_pretraining_data.py flags);
 # other lengths use round(seq_length * data.masking_rate).
@@ -359,6 +364,69 @@ def bench_checkpoint_cost(
     )
 
 
+def bench_step_with_reference(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    warmup: int,
+    eval_step: bool,
+    real_fraction: float,
+    model_garden_python: str | None,
+) -> dict[str, Any]:
+    """`step_bench.bench_step`, plus Model Garden's train step timed between its two halves.
+
+    Args:
+      config: the benchmark config.
+      steps, warmup, eval_step, real_fraction: as for `step_bench.bench_step`.
+      model_garden_python: a Python with tf-models-official, or None for ours alone.
+
+    Returns:
+      The `bench_step` record; with Model Garden also `model_garden` (its record),
+      `model_garden_tokens_per_s` and `speedup` (our tokens/s over Model Garden's).
+    """
+    config = config_lib.validate(copy.deepcopy(config))
+    if model_garden_python is None:
+        return step_bench.bench_step(
+            config, steps=steps, warmup=warmup, eval_step=eval_step, real_fraction=real_fraction
+        )
+    if eval_step:
+        raise ConfigError("--model-garden-python compares train steps; drop --eval")
+    command = step_bench.model_garden_command(
+        model_garden_python, config, steps=steps, warmup=warmup, real_fraction=real_fraction
+    )
+    reference: dict[str, Any] = {}
+    record = step_bench.bench_step(
+        config,
+        steps=steps,
+        warmup=warmup,
+        real_fraction=real_fraction,
+        interleave=lambda: reference.update(step_bench.run_model_garden(command)),
+    )
+    record["model_garden"] = reference
+    record["model_garden_tokens_per_s"] = reference["tokens_per_s"]
+    record["speedup"] = record["tokens_per_s"] / reference["tokens_per_s"]
+    return record
+
+
+def format_step(record: dict[str, Any]) -> str:
+    """One human-readable line for a step benchmark record."""
+    memory = record["peak_memory_bytes"]
+    text = (
+        f"{record['mode']} step on {record['num_devices']} x {record['device_kind']}: "
+        f"{record['step_time_s'] * 1000:.1f} ms (median of {record['steps']}), "
+        f"{record['tokens_per_s']:,.0f} non-pad tokens/s, compile {record['compile_s']:.1f} s, "
+        f"MFU {record['mfu']:.1%} of {record['peak'] / 1e12:.3f} TFLOP/s "
+        f"({record['peak_source']})"
+        + (f", peak memory {memory / 2**30:.2f} GiB" if memory is not None else "")
+    )
+    if "speedup" in record:
+        text += (
+            f"; Model Garden {record['model_garden_tokens_per_s']:,.0f} tokens/s "
+            f"({record['model_garden']['step_time_s'] * 1000:.1f} ms): {record['speedup']:.2f}x"
+        )
+    return text
+
+
 def write_json_lines(path: str, records: Sequence[dict[str, Any]]) -> None:
     """Appends one JSON line per record to `path` (so several runs can share one file)."""
     with open(path, "a", encoding="utf-8") as file:
@@ -404,7 +472,19 @@ def run() -> None:
     num_batches = flags.DEFINE_integer("num_batches", 50, "Timed batches per sequence length.")
     warmup_batches = flags.DEFINE_integer("warmup_batches", 5, "Untimed batches read first.")
     workdir = flags.DEFINE_string("workdir", None, "Corpus and vocab; default: a temp dir.")
-    json_out = flags.DEFINE_string("json_out", None, "Append one JSON line per length here.")
+    json_out = flags.DEFINE_string("json_out", None, "Append the JSON record(s) here.")
+    steps = flags.DEFINE_integer("steps", 20, "Step benchmark: timed steps.")
+    warmup = flags.DEFINE_integer("warmup", 3, "Step benchmark: untimed steps after compiling.")
+    eval_step = flags.DEFINE_bool("eval", False, "Step benchmark: time the eval step instead.")
+    real_fraction = flags.DEFINE_float(
+        "real_fraction", DEFAULT_REAL_FRACTION, "Mean non-pad fraction of the synthetic rows."
+    )
+    model_garden_python = flags.DEFINE_string(
+        "model-garden-python",
+        None,
+        "A Python with tf-models-official: also time Model Garden's train step on the same "
+        "model, between two halves of ours.",
+    )
 
     def main(argv: list[str]) -> None:
         del argv
@@ -434,10 +514,19 @@ def run() -> None:
                 write_json_lines(json_out.value, [record])
             return
         if not input_only.value:
-            raise ConfigError(
-                "pick a benchmark: --input-only (input pipeline), --state-memory (state bytes "
-                "per device) or --checkpoint-cost (save time); model step benchmarks come later"
+            record = bench_step_with_reference(
+                config_flag.value,
+                steps=steps.value,
+                warmup=warmup.value,
+                eval_step=eval_step.value,
+                real_fraction=real_fraction.value,
+                model_garden_python=model_garden_python.value,
             )
+            print(format_step(record))
+            print(json.dumps(record))
+            if json_out.value:
+                write_json_lines(json_out.value, [record])
+            return
         with tempfile.TemporaryDirectory(prefix="mlm_bench_") as scratch:
             records = bench_input(
                 config_flag.value,

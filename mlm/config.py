@@ -22,6 +22,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Feed-forward and MLM-head activations: GELU with the tanh approximation (original BERT, Model
 # Garden) or the exact erf form (Hugging Face's "gelu").
 ACTIVATIONS = ("gelu_tanh", "gelu")
+# model.remat: per-block activation recomputation (mlm.model.REMAT_POLICIES).
+REMAT_MODES = ("none", "full", "dots")
 OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
 # Eval metrics a best checkpoint can be chosen by.
@@ -63,6 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
             dtype="float32",
             # "gelu_tanh" (original BERT) or "gelu" (exact erf; Hugging Face BERT checkpoints).
             activation="gelu_tanh",
+            # Recompute each transformer block's activations in the backward pass to save
+            # memory (long sequences): 'none', 'full' (keep only block inputs) or 'dots'
+            # (keep matmul outputs). Same values and gradients, more compute.
+            remat="none",
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -276,6 +282,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(
         model.activation in ACTIVATIONS,
         f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{model.activation}'",
+    )
+    _require(
+        model.remat in REMAT_MODES,
+        f"model.remat must be one of {', '.join(REMAT_MODES)}, got '{model.remat}'",
     )
     for name in ("dropout_rate", "attention_dropout_rate"):
         _require(0.0 <= model[name] < 1.0, f"model.{name} must be in [0, 1), got {model[name]}")

@@ -78,6 +78,7 @@ def build_model(config: ml_collections.ConfigDict) -> BertForPreTraining:
         dtype=jnp.dtype(m.dtype),
         use_next_sentence=config.data.use_next_sentence_label,
         activation=m.activation,
+        remat=m.remat,
     )
 
 
@@ -184,7 +185,10 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
     weights = batch["masked_lm_weights"].astype(jnp.float32)
     labels = batch["masked_lm_ids"]
     per_slot = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    # The label's logit is the largest: argmax == label, except that a tie counts as correct.
+    # On XLA:CPU an argmax over [640, 30522] took 70-90 ms, this 3 ms (README 'Performance').
+    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    correct = (label_logit >= jnp.max(logits, axis=-1)).astype(jnp.float32)
     sums = {
         "lm_loss_sum": jnp.sum(per_slot * weights),
         "lm_weight_sum": jnp.sum(weights),

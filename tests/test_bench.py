@@ -135,7 +135,8 @@ def test_cli_prints_the_table_and_writes_json_lines(corpus, tmp_path):
     "args, message",
     [
         (["--input-only", "--config.data.seq_lenght=64"], "did you mean"),
-        (["--config", "configs/quickstart.py"], "--input-only"),
+        (["--config", "configs/quickstart.py", "--steps=0"], "--steps"),
+        (["--config", "configs/quickstart.py", "--eval", "--model-garden-python=python"], "--eval"),
     ],
 )
 def test_cli_mistakes_exit_2_with_one_line(args, message):
@@ -143,6 +144,30 @@ def test_cli_mistakes_exit_2_with_one_line(args, message):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+
+
+def test_cli_step_benchmark_prints_one_json_line_last(tmp_path):
+    out = tmp_path / "step.jsonl"
+    result = run_cli(
+        "--config",
+        "configs/quickstart.py",
+        "--steps=2",
+        "--warmup=1",
+        "--config.model.vocab_size=500",
+        "--config.train.global_batch_size=4",
+        "--config.data.seq_length=32",
+        "--config.data.max_predictions_per_seq=5",
+        f"--json_out={out}",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert lines[-2].startswith("train step on ")
+    record = json.loads(lines[-1])
+    assert record == json.loads(out.read_text())
+    for key in ("tokens_per_s", "step_time_s", "compile_s", "model_flops_per_token", "mfu"):
+        assert record[key] > 0
+    assert record["peak_source"].startswith("measured") and record["peak_memory_bytes"] is None
+    assert (record["batch_size"], record["seq_length"]) == (4, 32)
 
 
 def test_state_memory_is_split_by_fsdp(tmp_path):

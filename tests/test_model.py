@@ -10,9 +10,12 @@ from flax import traverse_util
 
 from mlm.model import (
     BertForPreTraining,
+    add_vocab_bias,
+    attention_implementation,
     attention_mask,
     dropout_attention,
     fused_attention,
+    kernel_dot_general,
 )
 
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS, TYPES = 64, 32, 2, 4, 48, 16, 2
@@ -366,3 +369,89 @@ def test_init_is_truncated_normal_and_biases_zero():
             np.testing.assert_array_equal(value, 1.0)
         else:
             np.testing.assert_array_equal(value, 0.0)
+
+
+@pytest.mark.parametrize(
+    "input_shape, kernel_shape, contract",
+    [
+        ((3, 5, 8), (8, 6), 1),  # Dense
+        ((3, 5, 8), (8, 2, 4), 1),  # DenseGeneral to heads (query / key / value)
+        ((3, 5, 2, 4), (2, 4, 8), 2),  # DenseGeneral from heads (attention output)
+    ],
+)
+def test_kernel_dot_general_matches_dot_general_with_gradients(input_shape, kernel_shape, contract):
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    x = jax.random.normal(keys[0], input_shape)
+    w = jax.random.normal(keys[1], kernel_shape)
+    dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
+    out_shape = input_shape[: x.ndim - contract] + kernel_shape[contract:]
+    cotangent = jax.random.normal(keys[2], out_shape)
+
+    def objective(dot):
+        return lambda x, w: jnp.sum(dot(x, w, dims) * cotangent)
+
+    ours = jax.value_and_grad(objective(kernel_dot_general), argnums=(0, 1))(x, w)
+    plain = jax.value_and_grad(objective(jax.lax.dot_general), argnums=(0, 1))(x, w)
+    assert kernel_dot_general(x, w, dims).shape == out_shape
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
+
+
+def test_add_vocab_bias_gradient_is_the_row_sum():
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    logits = jax.random.normal(keys[0], (3, 4, 7))
+    bias = jax.random.normal(keys[1], (7,))
+    weights = jnp.arange(3 * 4 * 7, dtype=jnp.float32).reshape(3, 4, 7) / 10
+
+    def objective(add):
+        return lambda logits, bias: jnp.sum(jnp.sin(add(logits, bias)) * weights)
+
+    ours = jax.grad(objective(add_vocab_bias), argnums=(0, 1))(logits, bias)
+    plain = jax.grad(objective(jnp.add), argnums=(0, 1))(logits, bias)
+    np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
+    for a, b in zip(ours, plain, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_params_outputs_and_gradients(remat):
+    plain, rematted = make_model(), make_model(remat=remat)
+    batch = make_batch()
+    variables = init(plain, batch)
+    assert jax.tree.map(jnp.shape, init(rematted, batch)) == jax.tree.map(jnp.shape, variables)
+    np.testing.assert_array_equal(
+        flat_params(init(rematted, batch))["encoder/layer_1/output/kernel"],
+        flat_params(variables)["encoder/layer_1/output/kernel"],
+    )
+
+    def loss(model):
+        def fn(params):
+            rngs = {"dropout": jax.random.key(3)}
+            out = model.apply({"params": params}, batch, deterministic=False, rngs=rngs)
+            return jnp.sum(out["mlm_logits"] ** 2)
+
+        return jax.jit(jax.value_and_grad(fn))(variables["params"])
+
+    for a, b in zip(jax.tree.leaves(loss(rematted)), jax.tree.leaves(loss(plain)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cudnn_attention_falls_back_to_xla_where_unavailable():
+    # On CPU (no cuDNN) asking for cuDNN runs the XLA implementation; on GPU in bfloat16 the
+    # automatic choice is cuDNN.
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(key, (2, 8, 2, 4), jnp.bfloat16) for key in keys)
+    mask = attention_mask(jnp.array([[1] * 6 + [0] * 2, [1] * 3 + [2] * 5]))
+    expected = fused_attention(q, k, v, mask, implementation=None)
+    forced = jax.jit(lambda q, k, v: fused_attention(q, k, v, mask, implementation="cudnn"))
+    np.testing.assert_array_equal(forced(q, k, v), expected)
+    gpu = jax.default_backend() == "gpu"
+    assert attention_implementation(jnp.bfloat16) == ("cudnn" if gpu else None)
+    assert attention_implementation(jnp.float32) is None
+
+
+def test_kernel_dot_general_other_layouts_fall_back_to_dot_general():
+    x = jax.random.normal(jax.random.PRNGKey(2), (8, 3, 5))
+    w = jax.random.normal(jax.random.PRNGKey(3), (8, 6))
+    dims = (((0,), (0,)), ((), ()))  # Contracts the leading input axis: not a Dense layout.
+    np.testing.assert_array_equal(kernel_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))

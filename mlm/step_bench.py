@@ -1,0 +1,419 @@
+"""Step benchmark: times the real jitted train (or eval) step and reports model FLOPs and MFU.
+
+The step is the one training compiles (`mlm.train._build_steps`: the same shardings and state
+donation), run on synthetic batches of the configured shapes with random ids and a realistic
+fraction of padding. `python -m mlm.bench --config configs/NAME.py` is the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mlm import config as config_lib
+from mlm import parallel
+from mlm.errors import ConfigError
+
+# Dense bfloat16 peak FLOP/s per device by `device_kind` substring (vendor data sheets; the
+# first match wins, so specific names come before their family).
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("TPU v4", 275e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5", 459e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+)
+# Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
+# built-in corpus at seq 128 (README 'Data'); `--real_fraction` changes it.
+DEFAULT_REAL_FRACTION = 0.94
+
+
+def model_flops_per_token(
+    model: ml_collections.ConfigDict,
+    seq_length: int,
+    max_predictions: int,
+    next_sentence: bool,
+    train: bool = True,
+) -> float:
+    """Model FLOPs per sequence position of one step (matmuls only, as in MFU accounting).
+
+    With H = hidden_size, I = intermediate_size, L = num_layers, V = vocab_size, S = seq_length,
+    P = max_predictions:
+
+      train = 6 * N + 12 * L * H * S + 6 * (P / S) * (H * H + H * V) [+ 6 * (H * H + 2 * H) / S]
+
+    where N = L * (4 * H * H + 2 * H * I) are the encoder's matmul weights (Kaplan et al.'s
+    non-embedding count: Q, K, V, output and the two feed-forward kernels; biases and
+    LayerNorm, under 1%, are left out); 12 * L * H * S is QK^T and PV (2 * 2 * S * H per token
+    per layer forward, times 3 for forward + backward); the masked-LM head (dense H x H and the
+    tied H x V projection) runs on the P gathered slots of a row only, so its cost per position
+    is scaled by P / S; the bracket is the next-sentence pooler and classifier, once per row.
+    Embedding lookups are gathers (no FLOPs). Forward only (eval) is a third of this: 2 instead
+    of 6 per weight, 4 instead of 12 for attention.
+
+    Args:
+      model: the `model` config section.
+      seq_length: S, positions per row (padding included: the step computes on all of them).
+      max_predictions: P, gathered masked-LM slots per row.
+      next_sentence: whether the next-sentence head runs.
+      train: forward + backward (True) or forward only.
+
+    Returns:
+      FLOPs per position; times rows x S per step gives the step's FLOPs.
+    """
+    h, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    n_layers = model.num_layers
+    encoder_weights = n_layers * (4 * h * h + 2 * h * i)
+    flops = 6 * encoder_weights + 12 * n_layers * h * seq_length
+    flops += 6 * (max_predictions / seq_length) * (h * h + h * v)
+    if next_sentence:
+        flops += 6 * (h * h + 2 * h) / seq_length
+    return flops if train else flops / 3
+
+
+def synthetic_batch(
+    rng: np.random.Generator,
+    batch_size: int,
+    seq_length: int,
+    max_predictions: int,
+    vocab_size: int,
+    real_fraction: float,
+    masking_rate: float = 0.15,
+) -> dict[str, np.ndarray]:
+    """A batch of the contract's format with random ids, padding and masked slots.
+
+    Row r holds n_r real tokens, n_r uniform in [S * (2 f - 1), S] (mean f * S, f =
+    `real_fraction`), one segment each: [CLS]-like id 2 first, random ids in [5, V) after, two
+    token types split at the middle. round(masking_rate * n_r) (at most P) distinct real
+    positions other than the first are masked, with random target ids and weight 1.
+
+    Args:
+      rng: numpy random generator.
+      batch_size, seq_length, max_predictions: B, S, P.
+      vocab_size: V.
+      real_fraction: mean fraction of non-pad tokens per row, in (0.5, 1].
+      masking_rate: fraction of a row's real tokens that are masked.
+
+    Returns:
+      numpy arrays: `input_word_ids`, `input_mask`, `input_type_ids`, `packed_segment_ids`,
+      `position_ids` int32 [B, S]; `masked_lm_positions`, `masked_lm_ids` int32 [B, P];
+      `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
+    """
+    low = max(2, math.ceil(seq_length * (2 * real_fraction - 1)))
+    lengths = rng.integers(low, seq_length + 1, size=batch_size)
+    positions = np.arange(seq_length)
+    real = (positions[None, :] < lengths[:, None]).astype(np.int32)
+    word_ids = rng.integers(5, vocab_size, size=(batch_size, seq_length), dtype=np.int32) * real
+    word_ids[:, 0] = 2
+    type_ids = ((positions[None, :] >= lengths[:, None] // 2) * real).astype(np.int32)
+    masked_positions = np.zeros((batch_size, max_predictions), np.int32)
+    weights = np.zeros((batch_size, max_predictions), np.float32)
+    for row, length in enumerate(lengths):
+        count = min(max_predictions, max(1, round(masking_rate * length)))
+        chosen = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
+        masked_positions[row, :count] = chosen
+        weights[row, :count] = 1.0
+    return {
+        "input_word_ids": word_ids,
+        "input_mask": real,
+        "input_type_ids": type_ids,
+        "packed_segment_ids": real.copy(),
+        "position_ids": np.broadcast_to(positions, (batch_size, seq_length)).astype(np.int32),
+        "masked_lm_positions": masked_positions,
+        "masked_lm_ids": (
+            rng.integers(5, vocab_size, size=(batch_size, max_predictions)) * (weights > 0)
+        ).astype(np.int32),
+        "masked_lm_weights": weights,
+        "next_sentence_labels": rng.integers(0, 2, size=batch_size, dtype=np.int32),
+    }
+
+
+def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
+    """Measures this process's float32 matmul FLOP/s with one large jitted matmul.
+
+    Args:
+      size: n of the n x n @ n x n product (2 n^3 FLOPs).
+      repeats: timed calls after one warm-up; the fastest counts (a peak).
+
+    Returns:
+      FLOP/s of the fastest call.
+    """
+    keys = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(keys[0], (size, size), jnp.float32)
+    b = jax.random.normal(keys[1], (size, size), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    times = time_calls(lambda: matmul(a, b), repeats, warmup=1)
+    return 2 * size**3 / min(times)
+
+
+def table_peak(device_kind: str) -> float | None:
+    """Returns the dense bfloat16 peak FLOP/s of a device kind from PEAK_BF16_FLOPS, or None."""
+    for name, peak in PEAK_BF16_FLOPS:
+        if name.lower() in device_kind.lower():
+            return peak
+    return None
+
+
+def device_peak(
+    device: jax.Device, measured: Callable[[], float] = lambda: measure_matmul_peak()
+) -> dict:
+    """The peak FLOP/s MFU is measured against, and where it came from.
+
+    Args:
+      device: the first device of the mesh.
+      measured: returns the measured matmul peak, used when the table has no entry (CPU).
+
+    Returns:
+      `peak` (FLOP/s per device) and `peak_source`: 'table: bf16 dense, KIND' or
+      'measured: float32 matmul, this process'.
+    """
+    peak = table_peak(device.device_kind)
+    if peak is not None:
+        return dict(peak=peak, peak_source=f"table: bf16 dense, {device.device_kind}")
+    return dict(peak=measured(), peak_source="measured: float32 matmul, this process")
+
+
+def peak_memory_bytes(device: jax.Device) -> int | None:
+    """The device's peak bytes in use so far, where the backend reports it (None on CPU)."""
+    stats = device.memory_stats()
+    if not stats or "peak_bytes_in_use" not in stats:
+        return None
+    return int(stats["peak_bytes_in_use"])
+
+
+def time_calls(call: Callable[[], Any], num_calls: int, warmup: int) -> list[float]:
+    """Runs `call` `warmup` times untimed, then `num_calls` times, each until its result is ready.
+
+    Args:
+      call: a function returning jax arrays (or pytrees of them).
+      num_calls: timed calls.
+      warmup: untimed calls first.
+
+    Returns:
+      The seconds of each timed call.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(call())
+    times = []
+    for _ in range(num_calls):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _check_arguments(steps: int, warmup: int, real_fraction: float) -> None:
+    if steps < 1:
+        raise ConfigError(f"--steps={steps} must be at least 1")
+    if warmup < 0:
+        raise ConfigError(f"--warmup={warmup} must be at least 0")
+    if not 0.5 < real_fraction <= 1.0:
+        raise ConfigError(f"--real_fraction={real_fraction} must be in (0.5, 1]")
+
+
+def bench_step(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int = 20,
+    warmup: int = 3,
+    eval_step: bool = False,
+    real_fraction: float = DEFAULT_REAL_FRACTION,
+    num_batches: int = 4,
+    measure_peak: Callable[[], float] = measure_matmul_peak,
+    interleave: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Compiles the configured train (or eval) step and times it on synthetic batches.
+
+    Each timed step runs until its outputs are ready; `num_batches` different batches, already
+    on the devices, are used in turn (input cost is excluded: see `--input-only`). Without a
+    table peak (CPU), the matmul peak is measured before and after the steps and the larger
+    counts, so a moment of load from other processes does not lower it.
+
+    Args:
+      config: a config from `configs/`; its model, data shapes, optimizer and mesh are used.
+      steps: timed steps.
+      warmup: untimed steps after compilation.
+      eval_step: time the eval step (forward only) instead of the train step.
+      real_fraction: mean fraction of non-pad tokens per synthetic row.
+      num_batches: distinct synthetic batches.
+      measure_peak: the CPU peak measurement (a device without a table entry).
+      interleave: called between two halves of the timed steps (e.g. a reference run), so
+        both see the same machine load; None: one block of steps.
+
+    Returns:
+      `mode` ('train' / 'eval'), `device_kind`, `num_devices`, `batch_size`, `seq_length`,
+      `max_predictions_per_seq`, `dtype`, `real_token_fraction` (of the synthetic batches),
+      `steps`, `compile_s` (lowering + compilation), `step_time_s` (median), `step_time_min_s`,
+      `tokens_per_s` (non-pad tokens / median step), `model_flops_per_token`
+      (`model_flops_per_token`, per position), `achieved_flops_per_s` (per device: FLOPs per
+      position x rows x S / median step / devices), `peak`, `peak_source`, `mfu`
+      (achieved / peak), `peak_memory_bytes` (first device; None where not reported).
+    """
+    from mlm.train import _build_steps
+
+    _check_arguments(steps, warmup, real_fraction)
+    config = config_lib.validate(config)
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_batch_size(
+        config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
+    )
+    data = config.data
+    batch_size, seq_length = config.train.global_batch_size, data.seq_length
+    rng = np.random.default_rng(config.train.seed)
+    host_batches = [
+        synthetic_batch(
+            rng,
+            batch_size,
+            seq_length,
+            data.max_predictions_per_seq,
+            config.model.vocab_size,
+            real_fraction,
+            data.masking_rate,
+        )
+        for _ in range(num_batches)
+    ]
+    batches = [parallel.global_batch(batch, mesh) for batch in host_batches]
+    real_tokens = [int(batch["input_mask"].sum()) for batch in host_batches]
+    device = mesh.devices.flat[0]
+    cpu_peaks = [] if table_peak(device.device_kind) else [measure_peak()]
+    _, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
+    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    jax.block_until_ready(state)
+    start = time.perf_counter()
+    if eval_step:
+        compiled = eval_fn.lower(state.params, batches[0]).compile()
+    else:
+        compiled = train_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    counter = iter(range(10**9))
+
+    def call() -> Any:
+        nonlocal state
+        batch = batches[next(counter) % num_batches]
+        if eval_step:
+            return compiled(state.params, batch)
+        state, logs = compiled(state, batch)
+        return state, logs
+
+    if interleave is None:
+        times = time_calls(call, steps, warmup)
+    else:
+        times = time_calls(call, steps // 2, warmup)
+        interleave()
+        times += time_calls(call, steps - steps // 2, warmup=1)
+    if cpu_peaks:
+        cpu_peaks.append(measure_peak())
+    step_time = statistics.median(times)
+    flops = model_flops_per_token(
+        config.model,
+        seq_length,
+        data.max_predictions_per_seq,
+        data.use_next_sentence_label,
+        train=not eval_step,
+    )
+    achieved = flops * batch_size * seq_length / step_time / mesh.size
+    peak = device_peak(device, lambda: max(cpu_peaks))
+    return dict(
+        mode="eval" if eval_step else "train",
+        device_kind=device.device_kind,
+        num_devices=mesh.size,
+        batch_size=batch_size,
+        seq_length=seq_length,
+        max_predictions_per_seq=data.max_predictions_per_seq,
+        dtype=config.model.dtype,
+        real_token_fraction=sum(real_tokens) / (num_batches * batch_size * seq_length),
+        steps=steps,
+        compile_s=compile_s,
+        step_time_s=step_time,
+        step_time_min_s=min(times),
+        tokens_per_s=statistics.mean(real_tokens) / step_time,
+        model_flops_per_token=flops,
+        achieved_flops_per_s=achieved,
+        **peak,
+        mfu=achieved / peak["peak"],
+        peak_memory_bytes=peak_memory_bytes(device),
+    )
+
+
+def model_garden_command(
+    python: str,
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    warmup: int,
+    real_fraction: float,
+) -> list[str]:
+    """The command that runs `mlm/model_garden_bench.py` on the config's model and shapes.
+
+    Args:
+      python: a Python with tf-models-official installed (its own venv).
+      config: the validated config; model dimensions, dropout, batch shapes and seed are passed.
+      steps, warmup, real_fraction: as for `bench_step`.
+
+    Returns:
+      The argv list.
+    """
+    model, data = config.model, config.data
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_garden_bench.py")
+    values = dict(
+        vocab_size=model.vocab_size,
+        hidden_size=model.hidden_size,
+        num_layers=model.num_layers,
+        num_heads=model.num_heads,
+        intermediate_size=model.intermediate_size,
+        seq_length=data.seq_length,
+        batch_size=config.train.global_batch_size,
+        max_predictions=data.max_predictions_per_seq,
+        steps=steps,
+        warmup=warmup,
+        seed=config.train.seed,
+        next_sentence=int(data.use_next_sentence_label),
+        real_fraction=real_fraction,
+        masking_rate=data.masking_rate,
+        dropout_rate=model.dropout_rate,
+        attention_dropout_rate=model.attention_dropout_rate,
+    )
+    return [python, script, *(f"--{name}={value}" for name, value in values.items())]
+
+
+def run_model_garden(command: list[str], timeout_s: float = 1800) -> dict[str, Any]:
+    """Runs the Model Garden benchmark and returns the JSON object of its last output line.
+
+    Raises:
+      ConfigError: the Python cannot be run, or the script fails (the last lines of its
+        output are in the message).
+    """
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except OSError as error:
+        raise ConfigError(
+            f"--model-garden-python: cannot run '{command[0]}' ({error.strerror}); pass a Python "
+            "with tf-models-official installed"
+        ) from None
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        tail = " | ".join(result.stderr.strip().splitlines()[-3:])
+        raise ConfigError(
+            f"--model-garden-python: the Model Garden benchmark failed (exit "
+            f"{result.returncode}: {tail[-400:]}); install tf-models-official==2.20.0 in that "
+            "Python's venv"
+        )
+    return json.loads(lines[-1])
