@@ -39,7 +39,8 @@ def synthetic_batch(
 ) -> dict[str, np.ndarray]:
     """Random rows of n_r ~ U[S (2 f - 1), S] real tokens and round(rate n_r) masked slots.
 
-    The same rule as `mlm.step_bench.synthetic_batch` (this script may not import mlm).
+    `mlm.step_bench.synthetic_batch` calls this one, so both sides time the same rows (this
+    script may not import mlm).
 
     Returns:
       Model Garden's pretraining features (`next_sentence_labels` of shape [B, 1]).

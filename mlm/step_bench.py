@@ -8,7 +8,6 @@ fraction of padding. `python -m mlm.bench --config configs/NAME.py` is the comma
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -22,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm import parallel
+from mlm import model_garden_bench, parallel
 from mlm.errors import ConfigError
 
 # Dense bfloat16 peak FLOP/s per device by `device_kind` substring (vendor data sheets; the
@@ -117,32 +116,16 @@ def synthetic_batch(
       `position_ids` int32 [B, S]; `masked_lm_positions`, `masked_lm_ids` int32 [B, P];
       `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
     """
-    low = max(2, math.ceil(seq_length * (2 * real_fraction - 1)))
-    lengths = rng.integers(low, seq_length + 1, size=batch_size)
-    positions = np.arange(seq_length)
-    real = (positions[None, :] < lengths[:, None]).astype(np.int32)
-    word_ids = rng.integers(5, vocab_size, size=(batch_size, seq_length), dtype=np.int32) * real
-    word_ids[:, 0] = 2
-    type_ids = ((positions[None, :] >= lengths[:, None] // 2) * real).astype(np.int32)
-    masked_positions = np.zeros((batch_size, max_predictions), np.int32)
-    weights = np.zeros((batch_size, max_predictions), np.float32)
-    for row, length in enumerate(lengths):
-        count = min(max_predictions, max(1, round(masking_rate * length)))
-        chosen = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
-        masked_positions[row, :count] = chosen
-        weights[row, :count] = 1.0
+    # One rule for both sides: Model Garden's script holds it, since it may not import mlm.
+    features = model_garden_bench.synthetic_batch(
+        rng, batch_size, seq_length, max_predictions, vocab_size, real_fraction, masking_rate
+    )
+    positions = np.arange(seq_length, dtype=np.int32)
     return {
-        "input_word_ids": word_ids,
-        "input_mask": real,
-        "input_type_ids": type_ids,
-        "packed_segment_ids": real.copy(),
-        "position_ids": np.broadcast_to(positions, (batch_size, seq_length)).astype(np.int32),
-        "masked_lm_positions": masked_positions,
-        "masked_lm_ids": (
-            rng.integers(5, vocab_size, size=(batch_size, max_predictions)) * (weights > 0)
-        ).astype(np.int32),
-        "masked_lm_weights": weights,
-        "next_sentence_labels": rng.integers(0, 2, size=batch_size, dtype=np.int32),
+        **features,
+        "packed_segment_ids": features["input_mask"].copy(),
+        "position_ids": np.broadcast_to(positions, (batch_size, seq_length)).copy(),
+        "next_sentence_labels": features["next_sentence_labels"][:, 0],
     }
 
 
