@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm import model_garden_bench, parallel
+from mlm import host_memory, model_garden_bench, parallel
 from mlm.errors import ConfigError
 
 # Dense bfloat16 peak FLOP/s per device by `device_kind` substring (vendor data sheets; the
@@ -246,13 +246,16 @@ def bench_step(
       `max_predictions_per_seq`, `dtype`, `real_token_fraction` (of the synthetic batches),
       `steps`, `compile_s` (lowering + compilation), `step_time_s` (median), `step_time_min_s`,
       `tokens_per_s` (non-pad tokens / median step), `model_flops_per_token`
-      (`model_flops_per_token`, per position), `achieved_flops_per_s` (per device: FLOPs per
-      position x rows x S / median step / devices), `peak`, `peak_source`, `mfu`
-      (achieved / peak), `peak_memory_bytes` (first device; None where not reported).
+      (`model_flops_per_token`, per position), `achieved_flops_per_s` (FLOPs per position x
+      rows x S / median step, per device for a table peak, per process for a measured CPU
+      peak), `peak`, `peak_source`, `mfu` (achieved / peak), `peak_memory_bytes` (first
+      device; None where not reported), `keep_freed_host_memory`
+      (`mlm.host_memory.keep_freed_host_memory` in effect).
     """
     from mlm.train import _build_steps
 
     _check_arguments(steps, warmup, real_fraction)
+    reuses_host_memory = host_memory.keep_freed_host_memory()
     config = config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(
@@ -312,7 +315,10 @@ def bench_step(
         data.use_next_sentence_label,
         train=not eval_step,
     )
-    achieved = flops * batch_size * seq_length / step_time / mesh.size
+    # A table peak is per device; a measured one is this process's, over all its CPU devices
+    # (they share the host's cores).
+    peak_devices = jax.process_count() if cpu_peaks else mesh.size
+    achieved = flops * batch_size * seq_length / step_time / peak_devices
     peak = device_peak(device, lambda: max(cpu_peaks))
     return dict(
         mode="eval" if eval_step else "train",
@@ -333,6 +339,7 @@ def bench_step(
         **peak,
         mfu=achieved / peak["peak"],
         peak_memory_bytes=peak_memory_bytes(device),
+        keep_freed_host_memory=reuses_host_memory,
     )
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, distributed, initialize, parallel, privacy, task
+from mlm import checkpoint, distributed, host_memory, initialize, parallel, privacy, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
@@ -300,6 +300,7 @@ def train_and_evaluate(
       {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent),
       and 'preempted': {'step': N} when a SIGTERM / SIGINT stopped the run after saving step N.
     """
+    host_memory.keep_freed_host_memory()  # Before JAX's CPU backend allocates (module docstring).
     if mode not in config_lib.MODES:
         raise config_lib.ConfigError(
             f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
@@ -531,6 +532,7 @@ def run() -> None:
 
     def main(argv: list[str]) -> None:
         del argv
+        host_memory.keep_freed_host_memory()
         if not flags.FLAGS["verbosity"].present:
             # Orbax logs every save step at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
