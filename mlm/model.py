@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlm import dropout as dropout_lib
+
 LAYER_NORM_EPSILON = 1e-12
 INITIALIZER_STDDEV = 0.02
 
@@ -181,11 +183,11 @@ def dropout_attention(
     dropout_rate: float,
     dropout_rng: jax.Array | None,
 ) -> jax.Array:
-    """`fused_attention` via `flax.linen.dot_product_attention`, plus dropout on the probabilities.
+    """`fused_attention` with dropout (`mlm.dropout`) on the attention probabilities.
 
-    Flax computes QK^T in the input dtype and, unless told otherwise, the softmax too; the arguments
-    below make it match `fused_attention`: float32 logits, float32 softmax, probabilities cast to
-    the value dtype for the PV matmul.
+    The weights come from `flax.linen.dot_product_attention_weights`, set to match
+    `fused_attention`: float32 logits, float32 softmax, probabilities cast to the value dtype for
+    the PV matmul.
 
     Args:
       query, key, value: [B, T, N, D] in the compute dtype.
@@ -196,23 +198,17 @@ def dropout_attention(
     Returns:
       [B, T, N, D] in the value dtype.
     """
-
-    def weights_times_value(equation: str, weights: jax.Array, value: jax.Array) -> jax.Array:
-        return jnp.einsum(equation, weights.astype(value.dtype), value)
-
-    return nn.dot_product_attention(
+    weights = nn.dot_product_attention_weights(
         query,
         key,
-        value,
         mask=mask,
-        broadcast_dropout=False,
-        dropout_rng=dropout_rng,
-        dropout_rate=dropout_rate,
-        deterministic=dropout_rng is None,
+        deterministic=True,
         force_fp32_for_softmax=True,
-        qk_attn_weights_einsum=functools.partial(jnp.einsum, preferred_element_type=jnp.float32),
-        attn_weights_value_einsum=weights_times_value,
+        einsum=functools.partial(jnp.einsum, preferred_element_type=jnp.float32),
     )
+    if dropout_rng is not None:
+        weights = dropout_lib.dropout(weights, dropout_rate, dropout_rng)
+    return jnp.einsum("...hqk,...khd->...qhd", weights.astype(value.dtype), value)
 
 
 class SelfAttention(nn.Module):
@@ -260,7 +256,7 @@ class TransformerLayer(nn.Module):
 
         `deterministic` is positional so that `nn.remat` can mark it static.
         """
-        dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
+        dropout = dropout_lib.Dropout(self.dropout_rate, deterministic=deterministic)
         attended = SelfAttention(
             self.hidden_size,
             self.num_heads,
@@ -298,7 +294,7 @@ class Encoder(nn.Module):
         self.position_embeddings = embed(self.max_position_embeddings)
         self.type_embeddings = embed(self.type_vocab_size)
         self.embeddings_layer_norm = layer_norm()
-        self.embeddings_dropout = nn.Dropout(self.dropout_rate)
+        self.embeddings_dropout = dropout_lib.Dropout(self.dropout_rate)
         layer_cls = TransformerLayer
         if self.remat != "none":
             # Activations of each block are recomputed in the backward pass (less memory, more
