@@ -1,25 +1,79 @@
-"""Dropout that draws half the random words of flax's: each 32-bit word gives two 16-bit draws.
+"""Dropout with a quarter of flax's random hashing: one threefry call gives four 16-bit draws.
 
-`flax.linen.Dropout` draws one float32 uniform (one threefry word) per element. Here one 32-bit
-word is split into two 16-bit integers and an element is dropped when its integer is below
-`round(rate * 2**16)`: the drop probability is the rate rounded to a multiple of 2**-16
+`flax.linen.Dropout` draws one float32 uniform per element, and each costs a whole threefry2x32
+hash (jax's partitionable bits hash every element and XOR the two output words). Here each hash
+of a counter (the element group's index, so the stream is the same however the array is sharded)
+gives two 32-bit words, split into four 16-bit draws; an element is dropped when its draw is below
+`round(rate * 2**16)`. The drop probability is the rate rounded to a multiple of 2**-16
 (0.1 -> 0.100006) and kept elements are scaled by the exact inverse keep probability, so the
-expectation is preserved exactly. On the 2-core benchmark CPU the mask for a [32, 4, 128, 128]
-attention tensor took 3.9 ms against 6.8 ms for flax's (README 'Performance').
+expectation is preserved exactly. On the 2-core benchmark CPU the dropout of a [32, 4, 128, 128]
+attention tensor took 3.5 ms against 9.5 ms with flax's bits (README 'Performance').
 """
 
 from __future__ import annotations
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.extend.random import threefry2x32_p
 
-RESOLUTION = 2**16  # Draws per 32-bit word: 2, of 16 bits each.
+RESOLUTION = 2**16  # Values of one 16-bit draw.
 
 
 def drop_threshold(rate: float) -> int:
     """The 16-bit threshold below which an element is dropped: round(rate * 2**16)."""
     return min(RESOLUTION, max(0, round(rate * RESOLUTION)))
+
+
+def _threefry_key_words(rng: jax.Array) -> jax.Array | None:
+    """The two uint32 words of a threefry key (typed or raw), or None for another PRNG."""
+    if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        if "threefry" not in str(jax.random.key_impl(rng)):
+            return None
+        rng = jax.random.key_data(rng)
+    return rng if rng.shape == (2,) and rng.dtype == jnp.uint32 else None
+
+
+def _flat_index(shape: tuple[int, ...]) -> jax.Array:
+    """uint32 array of `shape` holding each element's row-major index (an iota XLA can shard)."""
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for axis in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride)
+        stride *= shape[axis]
+    return index
+
+
+def random_draws16(rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint16 draws of `shape`: four per threefry2x32 hash of a counter.
+
+    Hash i of key (k1, k2) is `threefry2x32(k1, k2, 0, i)` over groups of four consecutive
+    elements of the last axis; its two output words are cut into 16-bit halves. Keys of another
+    PRNG implementation fall back to `jax.random.bits`, two draws per 32-bit word.
+
+    Args:
+      rng: PRNG key (typed or raw).
+      shape: at least one dimension.
+
+    Returns:
+      uint16 array of `shape`.
+    """
+    last = shape[-1]
+    key = _threefry_key_words(rng)
+    if key is None:
+        words = jax.random.bits(rng, (*shape[:-1], (last + 1) // 2), jnp.uint32)
+    else:
+        groups = (*shape[:-1], (last + 3) // 4)
+        if math.prod(groups) >= 2**32:
+            raise ValueError(f"dropout mask of shape {shape} needs over 2**32 random hashes")
+        first, second = threefry2x32_p.bind(
+            key[0], key[1], jnp.zeros(groups, jnp.uint32), _flat_index(groups)
+        )
+        words = jnp.stack([first, second], axis=-1)
+    draws = jax.lax.bitcast_convert_type(words, jnp.uint16)
+    return draws.reshape(*shape[:-1], -1)[..., :last]
 
 
 def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
@@ -33,10 +87,7 @@ def keep_mask(rng: jax.Array, rate: float, shape: tuple[int, ...]) -> jax.Array:
     Returns:
       bool array of `shape`.
     """
-    last = shape[-1]
-    words = jax.random.bits(rng, (*shape[:-1], (last + 1) // 2), jnp.uint32)
-    draws = jnp.concatenate([words & 0xFFFF, words >> 16], axis=-1)[..., :last]
-    return draws >= drop_threshold(rate)
+    return random_draws16(rng, shape) >= drop_threshold(rate)
 
 
 def dropout(inputs: jax.Array, rate: float, rng: jax.Array) -> jax.Array:

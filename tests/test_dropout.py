@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.random import threefry_2x32
 
 from mlm import dropout as dropout_lib
 
@@ -16,15 +17,39 @@ def test_threshold_is_the_rate_in_units_of_two_to_minus_16():
 
 
 @pytest.mark.parametrize("rate", [0.1, 0.5])
-def test_drop_fraction_and_independent_halves(rate):
+def test_drop_fraction_and_independent_draws_of_one_hash(rate):
     mask = np.asarray(dropout_lib.keep_mask(jax.random.key(0), rate, (512, 2048)))
     p = dropout_lib.drop_threshold(rate) / 2**16
     n = mask.size
     dropped = 1.0 - mask.mean()
     assert abs(dropped - p) < 5 * np.sqrt(p * (1 - p) / n)
-    # Both 16-bit halves of each 32-bit word (columns j and j + 1024) drop independently.
-    both = np.mean(~mask[:, :1024] & ~mask[:, 1024:])
-    assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / (n // 2))
+    # Elements 4k..4k+3 share one hash: the halves of one word (offset 1) and the two words
+    # (offset 2) drop independently.
+    for offset in (1, 2):
+        both = np.mean(~mask[:, 0::4] & ~mask[:, offset::4])
+        assert abs(both - p * p) < 5 * np.sqrt(p * p * (1 - p * p) / (n // 4)), offset
+
+
+def test_draws_are_threefry2x32_of_the_group_index():
+    key = jax.random.key(7)
+    draws = np.asarray(dropout_lib.random_draws16(key, (2, 8)))
+    k1, k2 = (int(w) for w in np.asarray(jax.random.key_data(key)))
+    groups = 4  # two rows of 8 elements, four per hash
+    counts = np.concatenate([np.zeros(groups, np.uint32), np.arange(groups, dtype=np.uint32)])
+    out = np.asarray(threefry_2x32((np.uint32(k1), np.uint32(k2)), counts))
+    first, second = out[:groups], out[groups:]
+    expected = np.stack(
+        [first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16], axis=-1
+    ).reshape(2, 8)
+    np.testing.assert_array_equal(draws, expected.astype(np.uint16))
+    # A raw uint32 key with the same words gives the same draws.
+    raw = jax.random.key_data(key)
+    np.testing.assert_array_equal(dropout_lib.random_draws16(raw, (2, 8)), draws)
+
+
+def test_other_prng_implementations_fall_back_to_jax_random_bits():
+    mask = np.asarray(dropout_lib.keep_mask(jax.random.key(0, impl="rbg"), 0.25, (256, 512)))
+    assert abs((1 - mask.mean()) - 0.25) < 0.01
 
 
 def test_odd_last_dimension_and_new_key_gives_new_mask():
