@@ -7,7 +7,8 @@ gives two 32-bit words, split into four 16-bit draws; an element is dropped when
 `round(rate * 2**16)`. The drop probability is the rate rounded to a multiple of 2**-16
 (0.1 -> 0.100006) and kept elements are scaled by the exact inverse keep probability, so the
 expectation is preserved exactly. On the 2-core benchmark CPU the dropout of a [32, 4, 128, 128]
-attention tensor took 3.5 ms against 9.5 ms with flax's bits (README 'Performance').
+attention tensor took 3.5 ms against 9.5 ms with flax's bits in one run (6.8-7.3 ms in quieter
+runs); the reference train step 485 ms against 540 ms (README 'Performance').
 """
 
 from __future__ import annotations
