@@ -532,7 +532,7 @@ def run() -> None:
 
     def main(argv: list[str]) -> None:
         del argv
-        host_memory.keep_freed_host_memory()
+        host_memory.keep_freed_host_memory()  # Before distributed.initialize starts JAX.
         if not flags.FLAGS["verbosity"].present:
             # Orbax logs every save step at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
