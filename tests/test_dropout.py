@@ -47,6 +47,22 @@ def test_draws_are_threefry2x32_of_the_group_index():
     np.testing.assert_array_equal(dropout_lib.random_draws16(raw, (2, 8)), draws)
 
 
+def test_unrolled_hash_equals_jax_threefry_for_any_key_and_counter():
+    rng = np.random.default_rng(0)
+    count1 = rng.integers(0, 2**32, 4096, dtype=np.uint32)
+    count2 = np.concatenate(
+        [
+            np.arange(2048, dtype=np.uint32),
+            np.uint32(2**32 - 2048) + np.arange(2048, dtype=np.uint32),
+        ]
+    )
+    for key in [(0, 0), (2**32 - 1, 1), tuple(rng.integers(0, 2**32, 2, dtype=np.uint32))]:
+        k1, k2 = np.uint32(key[0]), np.uint32(key[1])
+        expected = np.asarray(threefry_2x32((k1, k2), np.concatenate([count1, count2])))
+        first, second = jax.jit(dropout_lib.threefry2x32)(k1, k2, count1, count2)
+        np.testing.assert_array_equal(np.concatenate([first, second]), expected, err_msg=str(key))
+
+
 def test_other_prng_implementations_fall_back_to_jax_random_bits():
     mask = np.asarray(dropout_lib.keep_mask(jax.random.key(0, impl="rbg"), 0.25, (256, 512)))
     assert abs((1 - mask.mean()) - 0.25) < 0.01
