@@ -16,6 +16,7 @@ from mlm.model import (
     dropout_attention,
     fused_attention,
     kernel_dot_general,
+    tied_vocab_logits,
 )
 
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS, TYPES = 64, 32, 2, 4, 48, 16, 2
@@ -332,6 +333,28 @@ def test_rows_of_only_cls_stay_finite_with_finite_gradients(f32_model_and_vars):
     rngs = {"dropout": jax.random.key(0)}
     train_outputs = apply(model, variables, batch, deterministic=False, rngs=rngs)
     assert all(np.all(np.isfinite(v)) for v in train_outputs.values())
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
+def test_tied_vocab_logits_match_the_einsum_with_gradients(dtype, rtol):
+    keys = jax.random.split(jax.random.PRNGKey(2), 3)
+    x = jax.random.normal(keys[0], (6, 8)).astype(dtype)
+    embeddings = jax.random.normal(keys[1], (11, 8))
+    cotangent = jax.random.normal(keys[2], (6, 11))
+
+    def objective(logits_fn):
+        return lambda x, e: jnp.sum(logits_fn(x, e) * cotangent)
+
+    def plain(x, e):
+        return jnp.einsum("mh,vh->mv", x, e.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    ours = jax.value_and_grad(objective(tied_vocab_logits), argnums=(0, 1))(x, embeddings)
+    reference = jax.value_and_grad(objective(plain), argnums=(0, 1))(x, embeddings)
+    assert tied_vocab_logits(x, embeddings).dtype == jnp.float32
+    assert ours[1][0].dtype == dtype and ours[1][1].dtype == jnp.float32
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
 
 
 def test_bfloat16_compute_keeps_float32_params_and_is_close_to_float32(f32_model_and_vars):
