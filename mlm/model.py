@@ -20,23 +20,31 @@ LAYER_NORM_EPSILON = 1e-12
 INITIALIZER_STDDEV = 0.02
 
 
-@jax.custom_vjp
-def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    return x @ w
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, preferred_element_type: jnp.dtype | None) -> jax.Array:
+    """x [M, K] @ w [K, N] whose gradient for w is computed as x^T @ grad (`_matmul_bwd`)."""
+    return jnp.matmul(x, w, preferred_element_type=preferred_element_type)
 
 
-def _matmul_fwd(x: jax.Array, w: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return x @ w, (x, w)
+def _matmul_fwd(
+    x: jax.Array, w: jax.Array, preferred_element_type: jnp.dtype | None
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return _matmul(x, w, preferred_element_type), (x, w)
 
 
 def _matmul_bwd(
-    residuals: tuple[jax.Array, jax.Array], grad: jax.Array
+    preferred_element_type: jnp.dtype | None,
+    residuals: tuple[jax.Array, jax.Array],
+    grad: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
+    del preferred_element_type
     x, w = residuals
+    # A float32 output's gradient (the vocab logits') is taken in the compute dtype.
+    grad = grad.astype(x.dtype)
     # The kernel gradient as x^T @ grad, [K, N] directly: JAX's own transpose rule computes
     # grad^T @ x, [N, K], and transposes it; on XLA:CPU this rule cut the reference train
     # step's CPU time by 12% (README 'Performance').
-    dw = jnp.einsum("mk,mn->kn", x, grad.astype(x.dtype))
+    dw = jnp.einsum("mk,mn->kn", x, grad)
     return grad @ w.T.astype(grad.dtype), dw.astype(w.dtype)
 
 
@@ -78,7 +86,7 @@ def kernel_dot_general(
             lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type
         )
     k = math.prod(rhs.shape[:count])
-    out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1))
+    out = _matmul(lhs.reshape(-1, k), rhs.reshape(k, -1), None)
     out = out.reshape(lhs.shape[: lhs.ndim - count] + rhs.shape[count:])
     return out if preferred_element_type is None else out.astype(preferred_element_type)
 
@@ -394,48 +402,24 @@ def _add_vocab_bias_bwd(_: None, grad: jax.Array) -> tuple[jax.Array, jax.Array]
 add_vocab_bias.defvjp(_add_vocab_bias_fwd, _add_vocab_bias_bwd)
 
 
-@jax.custom_vjp
 def tied_vocab_logits(x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     """float32 logits `x @ word_embeddings^T`, with an embedding gradient XLA:CPU runs fast.
 
-    The embedding gradient is computed as (x^T @ grad)^T: [H, V], then transposed. JAX's own
-    transpose rule computes grad^T @ x, for which XLA:CPU first transposes the whole
-    [M, V] logit gradient; the [H, V] result is smaller by M / H. On the 2-core benchmark CPU
-    the reference train step took 421.5 / 420.6 ms against 436.5 / 433.6 ms with the plain
-    einsum (two runs, one process alternating the two).
+    The product is `_matmul` with the transposed table as its kernel, so the embedding gradient
+    is computed as (x^T @ grad)^T: [H, V], then transposed. JAX's own transpose rule computes
+    grad^T @ x, for which XLA:CPU first transposes the whole [M, V] logit gradient; the [H, V]
+    result is smaller by M / H. On the 2-core benchmark CPU the reference train step took
+    421.5 / 420.6 ms against 436.5 / 433.6 ms with the plain einsum (two runs, one process
+    alternating the two).
 
     Args:
       x: [M, H] in the compute dtype.
       word_embeddings: [V, H] (float32 params), cast to the compute dtype for the products.
 
     Returns:
-      float32 [M, V]. The gradients are those of the plain product: `x`'s in its dtype, the
-      embeddings' accumulated in float32.
+      float32 [M, V]. The gradients are those of the plain product, in the compute dtype.
     """
-    return jnp.einsum(
-        "mh,vh->mv", x, word_embeddings.astype(x.dtype), preferred_element_type=jnp.float32
-    )
-
-
-def _tied_vocab_logits_fwd(
-    x: jax.Array, word_embeddings: jax.Array
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    return tied_vocab_logits(x, word_embeddings), (x, word_embeddings)
-
-
-def _tied_vocab_logits_bwd(
-    residuals: tuple[jax.Array, jax.Array], grad: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    x, word_embeddings = residuals
-    grad = grad.astype(x.dtype)
-    dx = jnp.einsum(
-        "mv,vh->mh", grad, word_embeddings.astype(x.dtype), preferred_element_type=jnp.float32
-    )
-    d_embeddings = jnp.einsum("mh,mv->hv", x, grad, preferred_element_type=jnp.float32).T
-    return dx.astype(x.dtype), d_embeddings.astype(word_embeddings.dtype)
-
-
-tied_vocab_logits.defvjp(_tied_vocab_logits_fwd, _tied_vocab_logits_bwd)
+    return _matmul(x, word_embeddings.astype(x.dtype).T, jnp.float32)
 
 
 class MaskedLMHead(nn.Module):
