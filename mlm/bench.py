@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm import step_bench
+from mlm import kernels, step_bench
 from mlm.data.inputs import VOCAB_FILENAME, build_inputs
 from mlm.data.pipeline import prefetch
 from mlm.errors import ConfigError, DataError, MlmError
@@ -284,17 +284,14 @@ def bench_state_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
       `max_device_bytes` and `min_device_bytes` (what the shardings put on one device), and
       `fraction` (max_device_bytes / state_bytes).
     """
-    from mlm import parallel, task
-    from mlm.optim import create_optimizer
+    from mlm import parallel
+    from mlm.train import build_steps
 
     config = config_lib.validate(copy.deepcopy(config))
     mesh = parallel.make_mesh(config.mesh)
-    model = task.build_model(config)
-    tx = create_optimizer(config.optimizer, config.train.num_steps)
-    init_fn = task.state_initializer(config, model, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    steps = build_steps(config, mesh)
+    init = jax.jit(steps.init_fn, out_shardings=steps.shardings)
+    state = init(jax.random.PRNGKey(config.train.seed))
     per_device = parallel.state_bytes_per_device(state)
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
     return dict(
@@ -326,17 +323,14 @@ def bench_checkpoint_cost(
       device-to-host copy), `async_total_s` (until the files are written), and
       `blocking_s` (save + wait, what a synchronous save would cost the loop).
     """
-    from mlm import checkpoint, parallel, task
-    from mlm.optim import create_optimizer
+    from mlm import checkpoint, parallel
+    from mlm.train import build_steps
 
     config = config_lib.validate(copy.deepcopy(config))
     mesh = parallel.make_mesh(config.mesh)
-    model = task.build_model(config)
-    tx = create_optimizer(config.optimizer, config.train.num_steps)
-    init_fn = task.state_initializer(config, model, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    steps = build_steps(config, mesh)
+    init = jax.jit(steps.init_fn, out_shardings=steps.shardings)
+    state = init(jax.random.PRNGKey(config.train.seed))
     jax.block_until_ready(state)
     manager = checkpoint.make_manager(directory, keep=1)
     checkpoint.save(manager, 0, state, None)  # Warm-up: first-call costs.
@@ -412,12 +406,14 @@ def format_step(record: dict[str, Any]) -> str:
     """One human-readable line for a step benchmark record."""
     memory = record["peak_memory_bytes"]
     text = (
-        f"{record['mode']} step on {record['num_devices']} x {record['device_kind']}: "
+        f"{record['mode']} step ({record['kernels']} kernels) on {record['num_devices']} x "
+        f"{record['device_kind']}: "
         f"{record['step_time_s'] * 1000:.1f} ms (median of {record['steps']}), "
         f"{record['tokens_per_s']:,.0f} non-pad tokens/s, compile {record['compile_s']:.1f} s, "
         f"MFU {record['mfu']:.1%} of {record['peak'] / 1e12:.3f} TFLOP/s "
         f"({record['peak_source']})"
         + (f", peak memory {memory / 2**30:.2f} GiB" if memory is not None else "")
+        + (", cuDNN attention" if record.get("cudnn_attention") else "")
     )
     if "speedup" in record:
         text += (
@@ -490,6 +486,8 @@ def run() -> None:
         del argv
         if not flags.FLAGS["verbosity"].present:
             logging.set_verbosity(logging.WARNING)
+        kernels.skip_absent_tpu()
+        kernels.tune_host(jax.devices()[0].platform)  # As mlm.train's command line does.
         if checkpoint_cost.value:
             with tempfile.TemporaryDirectory(prefix="mlm_bench_ckpt_") as scratch:
                 record = bench_checkpoint_cost(config_flag.value, os.path.join(scratch, "c"))

@@ -24,6 +24,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_tanh", "gelu")
 # model.remat: per-block activation recomputation (mlm.model.REMAT_POLICIES).
 REMAT_MODES = ("none", "full", "dots")
+# model.kernels (mlm.kernels.SETTINGS; kept here so the schema imports no JAX).
+KERNEL_SETTINGS = ("auto", "cpu", "standard")
 OPTIMIZERS = ("adamw", "lamb")
 MODES = ("train", "eval", "train_and_eval")
 # Eval metrics a best checkpoint can be chosen by.
@@ -69,6 +71,10 @@ def base_config() -> ml_collections.ConfigDict:
             # memory (long sequences): 'none', 'full' (keep only block inputs) or 'dots'
             # (keep matmul outputs). Same values and gradients, more compute.
             remat="none",
+            # Backend kernels (mlm.kernels): 'auto' picks them from the platform of the devices
+            # the step is compiled for ('cpu' on CPU, 'standard' on GPU / TPU); 'cpu' or
+            # 'standard' force a set. Same parameters and function either way.
+            kernels="auto",
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -286,6 +292,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(
         model.remat in REMAT_MODES,
         f"model.remat must be one of {', '.join(REMAT_MODES)}, got '{model.remat}'",
+    )
+    _require(
+        model.kernels in KERNEL_SETTINGS,
+        f"model.kernels must be one of {', '.join(KERNEL_SETTINGS)}, got '{model.kernels}'",
     )
     for name in ("dropout_rate", "attention_dropout_rate"):
         _require(0.0 <= model[name] < 1.0, f"model.{name} must be in [0, 1), got {model[name]}")

@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mlm import checkpoint, task
+from mlm import checkpoint, kernels, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import VOCAB_FILENAME
@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "--lowercase", type=_parse_bool, default=None, help="the vocab is uncased (true/false)"
     )
     args = parser.parse_args(argv)
+    kernels.skip_absent_tpu()
     try:
         if args.source == "hf":
             converted = from_hf(args.input, args.output, args.lowercase)

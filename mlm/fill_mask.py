@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mlm import checkpoint, task
+from mlm import checkpoint, kernels, task
 from mlm import config as config_lib
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", required=True, help='text with [MASK], e.g. "A [MASK] day."')
     parser.add_argument("--top_k", type=int, default=5, help="candidates per mask")
     args = parser.parse_args(argv)
+    kernels.skip_absent_tpu()
     try:
         predictor = load_predictor(args.workdir)
         predictions = fill_mask(predictor, args.text, args.top_k)

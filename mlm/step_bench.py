@@ -1,6 +1,6 @@
 """Step benchmark: times the real jitted train (or eval) step and reports model FLOPs and MFU.
 
-The step is the one training compiles (`mlm.train._build_steps`: the same shardings and state
+The step is the one training compiles (`mlm.train.build_steps`: the same shardings and state
 donation), run on synthetic batches of the configured shapes with random ids and a realistic
 fraction of padding. `python -m mlm.bench --config configs/NAME.py` is the command line.
 """
@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm import host_memory, model_garden_bench, parallel
+from mlm import model_garden_bench, parallel
 from mlm.errors import ConfigError
+from mlm.kernels import cpu_host_memory
 
 # Dense bfloat16 peak FLOP/s per device by `device_kind` substring (vendor data sheets; the
 # first match wins, so specific names come before their family).
@@ -40,6 +41,9 @@ PEAK_BF16_FLOPS = (
     ("TPU v6 lite", 918e12),
     ("TPU v6e", 918e12),
 )
+# The custom-call target of cuDNN's fused attention in a compiled GPU module (jax's
+# `jax.nn.dot_product_attention(implementation='cudnn')` lowers to `__cudnn$fmha...`).
+CUDNN_ATTENTION_TARGET = "__cudnn$fmha"
 # Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
 # built-in corpus at seq 128 (README 'Data'); `--real_fraction` changes it.
 DEFAULT_REAL_FRACTION = 0.94
@@ -243,19 +247,21 @@ def bench_step(
 
     Returns:
       `mode` ('train' / 'eval'), `device_kind`, `num_devices`, `batch_size`, `seq_length`,
-      `max_predictions_per_seq`, `dtype`, `real_token_fraction` (of the synthetic batches),
+      `max_predictions_per_seq`, `dtype`, `num_layers`, `hidden_size`,
+      `attention_dropout_rate`, `real_token_fraction` (of the synthetic batches),
       `steps`, `compile_s` (lowering + compilation), `step_time_s` (median), `step_time_min_s`,
       `tokens_per_s` (non-pad tokens / median step), `model_flops_per_token`
       (`model_flops_per_token`, per position), `achieved_flops_per_s` (FLOPs per position x
       rows x S / median step, per device for a table peak, per process for a measured CPU
       peak), `peak`, `peak_source`, `mfu` (achieved / peak), `peak_memory_bytes` (first
-      device; None where not reported), `keep_freed_host_memory`
-      (`mlm.host_memory.keep_freed_host_memory` in effect).
+      device; None where not reported), `kernels` (the kernel set that ran),
+      `cudnn_attention` (the compiled step calls cuDNN's fused attention), and
+      `keep_freed_host_memory` (`mlm.kernels.cpu_host_memory` settings in effect: the command
+      line applies them on CPU).
     """
-    from mlm.train import _build_steps
+    from mlm.train import build_steps
 
     _check_arguments(steps, warmup, real_fraction)
-    reuses_host_memory = host_memory.keep_freed_host_memory()
     config = config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_batch_size(
@@ -280,8 +286,9 @@ def bench_step(
     real_tokens = [int(batch["input_mask"].sum()) for batch in host_batches]
     device = mesh.devices.flat[0]
     cpu_peaks = [] if table_peak(device.device_kind) else [measure_peak()]
-    _, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
-    state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+    built = build_steps(config, mesh)
+    init_fn, train_fn, eval_fn = built.init_fn, built.train_fn, built.eval_fn
+    state = jax.jit(init_fn, out_shardings=built.shardings)(jax.random.PRNGKey(config.train.seed))
     jax.block_until_ready(state)
     start = time.perf_counter()
     if eval_step:
@@ -289,6 +296,7 @@ def bench_step(
     else:
         compiled = train_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
+    cudnn_attention = CUDNN_ATTENTION_TARGET in compiled.as_text()
     counter = iter(range(10**9))
 
     def call() -> Any:
@@ -328,6 +336,9 @@ def bench_step(
         seq_length=seq_length,
         max_predictions_per_seq=data.max_predictions_per_seq,
         dtype=config.model.dtype,
+        num_layers=config.model.num_layers,
+        hidden_size=config.model.hidden_size,
+        attention_dropout_rate=config.model.attention_dropout_rate,
         real_token_fraction=sum(real_tokens) / (num_batches * batch_size * seq_length),
         steps=steps,
         compile_s=compile_s,
@@ -339,7 +350,9 @@ def bench_step(
         **peak,
         mfu=achieved / peak["peak"],
         peak_memory_bytes=peak_memory_bytes(device),
-        keep_freed_host_memory=reuses_host_memory,
+        kernels=built.model.kernels.name,
+        cudnn_attention=cudnn_attention,
+        keep_freed_host_memory=cpu_host_memory.in_effect(),
     )
 
 

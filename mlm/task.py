@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from mlm import kernels, privacy
 from mlm import loss_scale as loss_scale_lib
-from mlm import privacy
 from mlm.model import BertForPreTraining
 from mlm.optim import ema_update
 
@@ -55,16 +55,21 @@ class TaskState:
     loss_scale: Any = None
 
 
-def build_model(config: ml_collections.ConfigDict) -> BertForPreTraining:
+def build_model(
+    config: ml_collections.ConfigDict, platform: str | None = None
+) -> BertForPreTraining:
     """Builds the pretraining model from `config.model` and `config.data.use_next_sentence_label`.
 
     Args:
       config: the full validated config.
+      platform: the platform of the devices the step is compiled for ('cpu', 'gpu', 'tpu'),
+        which `model.kernels=auto` decides from; None: that of `jax.devices()`.
 
     Returns:
       The flax module (no parameters: those come from `init`).
     """
     m = config.model
+    platform = platform or jax.devices()[0].platform
     return BertForPreTraining(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
@@ -79,6 +84,7 @@ def build_model(config: ml_collections.ConfigDict) -> BertForPreTraining:
         use_next_sentence=config.data.use_next_sentence_label,
         activation=m.activation,
         remat=m.remat,
+        kernels=kernels.select(m.kernels, platform),
     )
 
 

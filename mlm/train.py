@@ -13,27 +13,29 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, distributed, host_memory, initialize, parallel, privacy, task
+from mlm import checkpoint, distributed, initialize, kernels, parallel, privacy, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
 from mlm.errors import ConfigError, DivergenceError, MlmError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
+from mlm.model import BertForPreTraining
 from mlm.optim import create_optimizer, learning_rate_schedule
 from mlm.preemption import PreemptionWatcher
 
 # Sections of config.json a resumed run must share with the run that wrote the checkpoints,
-# except fields that change neither the model nor the batches.
+# except fields that change neither the model nor the batches (every kernel set has the same
+# parameters and computes the same function).
 _FIXED_SECTIONS = ("model", "data")
-_FREE_FIELDS = ("data.prefetch_batches",)
+_FREE_FIELDS = ("data.prefetch_batches", "model.kernels")
 # Evaluation may read other data; only the data fields that shape the model or its tokens stay.
 _EVAL_FIXED_DATA = ("data.lowercase", "data.use_next_sentence_label")
 
@@ -249,13 +251,42 @@ def check_inputs(inputs: Inputs, local_batch_size: int) -> None:
         first_batch(inputs.eval, f"{inputs.source} (eval)", local_batch_size)
 
 
-def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+class Steps(NamedTuple):
+    """What `build_steps` builds for one config and mesh.
+
+    Attributes:
+      model: the flax module, with the kernel set for the mesh's platform (`model.kernels`).
+      abstract: the train state's `jax.ShapeDtypeStruct`s.
+      shardings: the train state's NamedShardings.
+      batch_sharding: the sharding of every batch array.
+      init_fn: rng -> TaskState (jit it with `out_shardings=shardings`).
+      train_fn: the jitted train step (state donated).
+      eval_fn: the jitted eval step.
+    """
+
+    model: BertForPreTraining
+    abstract: task.TaskState
+    shardings: Any
+    batch_sharding: jax.sharding.NamedSharding
+    init_fn: Callable[[jax.Array], task.TaskState]
+    train_fn: Any
+    eval_fn: Any
+
+
+def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Steps:
     """Builds model and optimizer, the abstract state and its shardings, and the step functions.
 
+    The same function serves training, the step benchmark and ahead-of-time compilation
+    (`mlm.aot`), so all three compile the same program.
+
+    Args:
+      config: the validated config.
+      mesh: the device mesh the steps run on (its platform picks `model.kernels=auto`).
+
     Returns:
-      (abstract state, state shardings, init fn, jitted train step, jitted eval step).
+      The Steps.
     """
-    model = task.build_model(config)
+    model = task.build_model(config, kernels.mesh_platform(mesh))
     tx = create_optimizer(config.optimizer, config.train.num_steps)
     schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
     init_fn = task.state_initializer(config, model, tx)
@@ -283,7 +314,7 @@ def _build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         in_shardings=(shardings.params, batch_sharding),
         out_shardings=replicated,
     )
-    return abstract, shardings, init_fn, train_fn, eval_fn
+    return Steps(model, abstract, shardings, batch_sharding, init_fn, train_fn, eval_fn)
 
 
 def train_and_evaluate(
@@ -300,7 +331,6 @@ def train_and_evaluate(
       {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent),
       and 'preempted': {'step': N} when a SIGTERM / SIGINT stopped the run after saving step N.
     """
-    host_memory.keep_freed_host_memory()  # Before JAX's CPU backend allocates (module docstring).
     if mode not in config_lib.MODES:
         raise config_lib.ConfigError(
             f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
@@ -322,7 +352,13 @@ def train_and_evaluate(
         shard_count=jax.process_count(),
     )
     check_inputs(inputs, config.train.global_batch_size // jax.process_count())
-    abstract, shardings, init_fn, train_fn, eval_fn = _build_steps(config, mesh)
+    steps = build_steps(config, mesh)
+    abstract, shardings = steps.abstract, steps.shardings
+    init_fn, train_fn, eval_fn = steps.init_fn, steps.train_fn, steps.eval_fn
+    _report(
+        f"kernels: {steps.model.kernels.name} (model.kernels={config.model.kernels}, "
+        f"{kernels.mesh_platform(mesh)} mesh {dict(mesh.shape)})"
+    )
     manager = checkpoint.make_manager(
         checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
     )
@@ -532,11 +568,12 @@ def run() -> None:
 
     def main(argv: list[str]) -> None:
         del argv
-        host_memory.keep_freed_host_memory()  # Before distributed.initialize starts JAX.
         if not flags.FLAGS["verbosity"].present:
             # Orbax logs every save step at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
+        kernels.skip_absent_tpu()
         distributed.initialize_from_environment()  # Multi-host: from the launcher's variables.
+        kernels.tune_host(jax.devices()[0].platform)  # Only the CLI changes the process.
         train_and_evaluate(config_flag.value, workdir_flag.value, mode_flag.value)
 
     try:

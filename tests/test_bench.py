@@ -161,13 +161,15 @@ def test_cli_step_benchmark_prints_one_json_line_last(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert lines[-2].startswith("train step on ")
+    assert lines[-2].startswith("train step (cpu kernels) on ")
     record = json.loads(lines[-1])
     assert record == json.loads(out.read_text())
     for key in ("tokens_per_s", "step_time_s", "compile_s", "model_flops_per_token", "mfu"):
         assert record[key] > 0
     assert record["peak_source"].startswith("measured") and record["peak_memory_bytes"] is None
     assert (record["batch_size"], record["seq_length"]) == (4, 32)
+    assert record["kernels"] == "cpu"
+    assert record["keep_freed_host_memory"] is True  # The command line on CPU, glibc here.
 
 
 def test_state_memory_is_split_by_fsdp(tmp_path):

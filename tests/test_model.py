@@ -8,16 +8,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from mlm.model import (
-    BertForPreTraining,
-    add_vocab_bias,
-    attention_implementation,
-    attention_mask,
-    dropout_attention,
-    fused_attention,
-    kernel_dot_general,
-    tied_vocab_logits,
-)
+from mlm.model import BertForPreTraining, attention_mask
 
 VOCAB, HIDDEN, LAYERS, HEADS, INTER, MAX_POS, TYPES = 64, 32, 2, 4, 48, 16, 2
 SEQ, PREDS, BATCH = 16, 4, 3
@@ -263,34 +254,6 @@ def test_attention_mask_semantics():
     np.testing.assert_array_equal(mask, expected)
 
 
-@pytest.mark.parametrize("dtype, atol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_jax_and_flax_attention_paths_agree(dtype, atol):
-    rng = np.random.default_rng(0)
-    shape = (2, SEQ, HEADS, HIDDEN // HEADS)
-    query, key, value = (jnp.asarray(rng.normal(size=shape), dtype) for _ in range(3))
-    segments = np.array([[1] * 6 + [2] * 6 + [0] * 4, [1] * 3 + [0] * 13], np.int32)
-
-    @jax.jit
-    def fused(segments):
-        return fused_attention(query, key, value, attention_mask(segments))
-
-    @functools.partial(jax.jit, static_argnames=("rate",))
-    def flax_path(segments, rate, rng):
-        mask = attention_mask(segments)
-        return dropout_attention(query, key, value, mask, dropout_rate=rate, dropout_rng=rng)
-
-    reference = fused(segments)
-    without_rng = flax_path(segments, 0.3, None)
-    assert reference.dtype == without_rng.dtype == dtype
-    reference, without_rng = np.asarray(reference, np.float32), np.asarray(without_rng, np.float32)
-    np.testing.assert_allclose(without_rng, reference, atol=atol)
-    np.testing.assert_allclose(
-        np.asarray(flax_path(segments, 0.0, None), np.float32), reference, atol=atol
-    )
-    dropped = np.asarray(flax_path(segments, 0.3, jax.random.key(1)), np.float32)
-    assert np.max(np.abs(dropped - reference)) > 0.1
-
-
 @pytest.mark.parametrize("dropout_rate, attention_dropout_rate", [(0.1, 0.1), (0.0, 0.5)])
 def test_dropout_changes_outputs_and_is_reproducible(
     f32_model_and_vars, dropout_rate, attention_dropout_rate
@@ -335,28 +298,6 @@ def test_rows_of_only_cls_stay_finite_with_finite_gradients(f32_model_and_vars):
     assert all(np.all(np.isfinite(v)) for v in train_outputs.values())
 
 
-@pytest.mark.parametrize("dtype, rtol", [(jnp.float32, 1e-6), (jnp.bfloat16, 2e-2)])
-def test_tied_vocab_logits_match_the_einsum_with_gradients(dtype, rtol):
-    keys = jax.random.split(jax.random.PRNGKey(2), 3)
-    x = jax.random.normal(keys[0], (6, 8)).astype(dtype)
-    embeddings = jax.random.normal(keys[1], (11, 8))
-    cotangent = jax.random.normal(keys[2], (6, 11))
-
-    def objective(logits_fn):
-        return lambda x, e: jnp.sum(logits_fn(x, e) * cotangent)
-
-    def plain(x, e):
-        return jnp.einsum("mh,vh->mv", x, e.astype(x.dtype), preferred_element_type=jnp.float32)
-
-    ours = jax.value_and_grad(objective(tied_vocab_logits), argnums=(0, 1))(x, embeddings)
-    reference = jax.value_and_grad(objective(plain), argnums=(0, 1))(x, embeddings)
-    assert tied_vocab_logits(x, embeddings).dtype == jnp.float32
-    assert ours[1][0].dtype == dtype and ours[1][1].dtype == jnp.float32
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True):
-        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * np.abs(b).max())
-
-
 def test_bfloat16_compute_keeps_float32_params_and_is_close_to_float32(f32_model_and_vars):
     f32_model, f32_vars = f32_model_and_vars
     bf16_model = make_model(use_next_sentence=True, dtype=jnp.bfloat16)
@@ -394,48 +335,6 @@ def test_init_is_truncated_normal_and_biases_zero():
             np.testing.assert_array_equal(value, 0.0)
 
 
-@pytest.mark.parametrize(
-    "input_shape, kernel_shape, contract",
-    [
-        ((3, 5, 8), (8, 6), 1),  # Dense
-        ((3, 5, 8), (8, 2, 4), 1),  # DenseGeneral to heads (query / key / value)
-        ((3, 5, 2, 4), (2, 4, 8), 2),  # DenseGeneral from heads (attention output)
-    ],
-)
-def test_kernel_dot_general_matches_dot_general_with_gradients(input_shape, kernel_shape, contract):
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    x = jax.random.normal(keys[0], input_shape)
-    w = jax.random.normal(keys[1], kernel_shape)
-    dims = ((tuple(range(x.ndim - contract, x.ndim)), tuple(range(contract))), ((), ()))
-    out_shape = input_shape[: x.ndim - contract] + kernel_shape[contract:]
-    cotangent = jax.random.normal(keys[2], out_shape)
-
-    def objective(dot):
-        return lambda x, w: jnp.sum(dot(x, w, dims) * cotangent)
-
-    ours = jax.value_and_grad(objective(kernel_dot_general), argnums=(0, 1))(x, w)
-    plain = jax.value_and_grad(objective(jax.lax.dot_general), argnums=(0, 1))(x, w)
-    assert kernel_dot_general(x, w, dims).shape == out_shape
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(plain), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-5)
-
-
-def test_add_vocab_bias_gradient_is_the_row_sum():
-    keys = jax.random.split(jax.random.PRNGKey(1), 2)
-    logits = jax.random.normal(keys[0], (3, 4, 7))
-    bias = jax.random.normal(keys[1], (7,))
-    weights = jnp.arange(3 * 4 * 7, dtype=jnp.float32).reshape(3, 4, 7) / 10
-
-    def objective(add):
-        return lambda logits, bias: jnp.sum(jnp.sin(add(logits, bias)) * weights)
-
-    ours = jax.grad(objective(add_vocab_bias), argnums=(0, 1))(logits, bias)
-    plain = jax.grad(objective(jnp.add), argnums=(0, 1))(logits, bias)
-    np.testing.assert_allclose(add_vocab_bias(logits, bias), logits + bias)
-    for a, b in zip(ours, plain, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
-
-
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_keeps_params_outputs_and_gradients(remat):
     plain, rematted = make_model(), make_model(remat=remat)
@@ -457,24 +356,3 @@ def test_remat_keeps_params_outputs_and_gradients(remat):
 
     for a, b in zip(jax.tree.leaves(loss(rematted)), jax.tree.leaves(loss(plain)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-
-
-def test_cudnn_attention_falls_back_to_xla_where_unavailable():
-    # On CPU (no cuDNN) asking for cuDNN runs the XLA implementation; on GPU in bfloat16 the
-    # automatic choice is cuDNN.
-    keys = jax.random.split(jax.random.PRNGKey(0), 3)
-    q, k, v = (jax.random.normal(key, (2, 8, 2, 4), jnp.bfloat16) for key in keys)
-    mask = attention_mask(jnp.array([[1] * 6 + [0] * 2, [1] * 3 + [2] * 5]))
-    expected = fused_attention(q, k, v, mask, implementation=None)
-    forced = jax.jit(lambda q, k, v: fused_attention(q, k, v, mask, implementation="cudnn"))
-    np.testing.assert_array_equal(forced(q, k, v), expected)
-    gpu = jax.default_backend() == "gpu"
-    assert attention_implementation(jnp.bfloat16) == ("cudnn" if gpu else None)
-    assert attention_implementation(jnp.float32) is None
-
-
-def test_kernel_dot_general_other_layouts_fall_back_to_dot_general():
-    x = jax.random.normal(jax.random.PRNGKey(2), (8, 3, 5))
-    w = jax.random.normal(jax.random.PRNGKey(3), (8, 6))
-    dims = (((0,), (0,)), ((), ()))  # Contracts the leading input axis: not a Dense layout.
-    np.testing.assert_array_equal(kernel_dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))

@@ -116,6 +116,8 @@ def uninterrupted(corpus, tmp_path_factory):
         command(corpus, workdir, 60, 10), cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    # The run says which kernels it compiled: the CPU set for a mesh of CPU devices.
+    assert "kernels: cpu (model.kernels=auto, cpu mesh {'data': 1, 'fsdp': 1})" in result.stderr
     return workdir
 
 

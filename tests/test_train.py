@@ -13,8 +13,9 @@ import pytest
 
 from mlm import config as config_lib
 from mlm import fill_mask
+from mlm.kernels import cpu_host_memory
 from mlm.errors import DataError, WorkdirError
-from mlm.train import train_and_evaluate
+from mlm.train import prepare_workdir, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40
@@ -77,6 +78,8 @@ def test_short_run_learns_and_writes_its_files(trained):
     with open(os.path.join(workdir, "config.json")) as file:
         saved = json.load(file)
     assert saved["model"]["hidden_size"] == 32
+    # A library call leaves this process's malloc as it was (only the command line tunes it).
+    assert cpu_host_memory.in_effect() is False
 
 
 def test_resume_continues_exactly_from_the_last_checkpoint(trained, tmp_path):
@@ -462,3 +465,16 @@ def test_ema_run_evaluates_and_fills_masks_with_the_ema_params(trained, tmp_path
         leaves(state.ema_params), leaves(source.params), leaves(state.params), strict=True
     ):
         np.testing.assert_allclose(ema, 0.5 * loaded + 0.5 * new, rtol=1e-6, atol=1e-7)
+
+
+def test_a_run_may_resume_with_another_kernel_set_but_not_another_model(tmp_path):
+    config = config_lib.validate(config_lib.sized_config("tiny"))
+    (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(config_lib.to_json(config))
+    other = config_lib.sized_config("tiny")
+    other.model.kernels = "standard"
+    assert prepare_workdir(config_lib.validate(other), str(tmp_path))["model"]["kernels"] == "auto"
+    bigger = config_lib.sized_config("tiny")
+    bigger.model.hidden_size = 256
+    with pytest.raises(WorkdirError, match="model.hidden_size=128, this config has 256"):
+        prepare_workdir(config_lib.validate(bigger), str(tmp_path))

@@ -1,4 +1,4 @@
-"""mlm.host_memory: freed host buffers are reused instead of being faulted in again."""
+"""mlm.kernels.cpu_host_memory: freed host buffers are reused instead of being faulted in again."""
 
 import json
 import os
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 PROBE = """
 import ctypes, json, resource, sys
 import numpy as np
-from mlm import host_memory
+from mlm.kernels import cpu_host_memory as host_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in (

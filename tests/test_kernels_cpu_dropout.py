@@ -1,4 +1,4 @@
-"""mlm.dropout: 16-bit draws, exact rescaling, flax-compatible module behaviour."""
+"""mlm.kernels.cpu_dropout: 16-bit draws, exact rescaling, flax-compatible module behaviour."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.extend.random import threefry_2x32
 
-from mlm import dropout as dropout_lib
+from mlm.kernels import cpu_dropout as dropout_lib
 
 
 def test_threshold_is_the_rate_in_units_of_two_to_minus_16():
