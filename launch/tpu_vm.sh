@@ -18,7 +18,8 @@
 # through the local filesystem, so a gs://BUCKET/DIR WORKDIR is mounted with Cloud Storage FUSE
 # (gcsfuse, installed if missing) at ~/gcs/BUCKET on every worker and training gets
 # --workdir ~/gcs/BUCKET/DIR; the VM's service account needs read and write access to the bucket.
-# PIP_PACKAGES (default "jax[tpu]") is installed with the package. Needs gcloud, authenticated.
+# The package is installed with its tpu extra (jax[tpu] at the tested version); PIP_PACKAGES
+# (default none) are installed with it. Needs gcloud, authenticated.
 set -euo pipefail
 
 die() {
@@ -35,7 +36,7 @@ workdir=${WORKDIR:-}
 project=${PROJECT:-}
 spot=${SPOT:-}
 keep=${KEEP:-}
-pip_packages=${PIP_PACKAGES:-jax[tpu]}
+pip_packages=${PIP_PACKAGES:-}
 train_args=()
 
 while (($# > 0)); do
@@ -169,7 +170,7 @@ if [[ -n $bucket ]]; then
 fi
 install+="rm -rf ~/mlm && mkdir -p ~/mlm && tar -xzf ~/mlm.tar.gz -C ~/mlm"
 install+=" && python3 -m pip install -q --upgrade pip"
-install+=" && python3 -m pip install -q -e ~/mlm"
+install+=" && python3 -m pip install -q -e ~/mlm'[tpu]'"
 read -r -a packages <<<"$pip_packages"
 for package in ${packages[@]+"${packages[@]}"}; do
   install+=" $(printf '%q' "$package")"

@@ -14,7 +14,7 @@ from mlm.data.tokenizer import train_wordpiece
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch")
-SCRIPTS = ["local.sh", "tpu_vm.sh", "slurm_gpu.sbatch"]
+SCRIPTS = ["local.sh", "tpu_vm.sh", "slurm_gpu.sbatch", "gpu_bench.sh"]
 # Records each call as one shell-quoted line; fails when the call contains $FAIL_MATCH.
 RECORDER = """#!/usr/bin/env bash
 printf '%q ' "$(basename "$0")" "$@" >> "$CALL_LOG"
@@ -227,7 +227,9 @@ def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
     assert install[:2] == ["ssh", "mlm-test"] and "--worker=all" in install
     install_command = install[-1].removeprefix("--command=")
     install_words = shlex.split(install_command)
-    assert install_words[-6:] == ["pip", "install", "-q", "-e", "~/mlm", "jax[tpu]"]
+    # The tpu extra pins jax[tpu] to the tested version; the shell expands ~ before '[tpu]'.
+    assert install_words[-5:] == ["pip", "install", "-q", "-e", "~/mlm[tpu]"]
+    assert "pip install -q -e ~/mlm'[tpu]'" in install_command
     # The gs:// workdir's bucket is mounted with gcsfuse (installed if missing) on every worker.
     assert "command -v gcsfuse >/dev/null ||" in install_command
     assert "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -c -s) main" in (
@@ -443,3 +445,44 @@ def test_slurm_needs_config_and_workdir(stand_ins, missing):
     result = run_script("slurm_gpu.sbatch", [], env)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {missing} is not set")
     assert calls() == []
+
+
+def test_gpu_bench_quick_runs_every_case_and_prints_the_table(tmp_path):
+    # --quick (BERT-tiny) runs the script's whole path on this CPU: the same four cases the GPU
+    # run measures, the JSON records and the summary table.
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    result = subprocess.run(
+        [
+            "bash",
+            "launch/gpu_bench.sh",
+            "--no-install",
+            "--quick",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "gpu_bench.jsonl").read_text().splitlines()]
+    cases = [(r["seq_length"], r["batch_size"], r["attention_dropout_rate"]) for r in records]
+    assert cases == [(128, 8, 0.0), (128, 8, 0.1), (512, 4, 0.0), (512, 4, 0.1)]
+    assert {(r["dtype"], r["kernels"]) for r in records} == {("bfloat16", "standard")}
+    assert all(r["cudnn_attention"] is False for r in records)  # No GPU here.
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("train step (standard kernels) on ") for line in lines) == 4
+    table = [line for line in lines if line.startswith("| 2 x 128 |")]
+    assert len(table) == 4 and all(" | no | " in line for line in table)
+    assert lines[-1].startswith("device: cpu, MFU against ")
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run(
+            ["bash", "launch/gpu_bench.sh", "--bogus"], cwd=ROOT, check=True, capture_output=True
+        )
