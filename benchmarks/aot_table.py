@@ -116,21 +116,31 @@ def largest_fitting(
 
 
 def jobs(out: str, rows: dict) -> list:
-    """The table's work as independent jobs: one row, or one largest-batch search."""
+    """The table's work as independent jobs (one row, or one largest-batch search), in order."""
     work = []
-    for seq in (128, 512):
-        for model in ("bert_base", "bert_large"):
-            for topology in TOPOLOGIES:
-                for fsdp in (False, True):
-                    if model == "bert_large" and seq == 512:
-                        args = (out, rows, model, seq, topology, fsdp, "none", 256)
-                        work.append(lambda args=args: largest_fitting(*args))
-                    else:
-                        args = (out, rows, model, seq, 256, topology, fsdp, "none")
-                        work.append(lambda args=args: compile_row(*args))
-    for remat in ("none", "full"):
-        args = (out, rows, "bert_large", 512, "v5e-8", False, remat, 64)
-        work.append(lambda args=args: largest_fitting(*args))
+
+    def row(model: str, seq: int, topology: str, fsdp: bool) -> None:
+        args = (out, rows, model, seq, 256, topology, fsdp, "none")
+        work.append(lambda: compile_row(*args))
+
+    def search(topology: str, fsdp: bool, remat: str, start: int) -> None:
+        args = (out, rows, "bert_large", 512, topology, fsdp, remat, start)
+        work.append(lambda: print(f"largest batch {args[2:-1]}: {largest_fitting(*args)}"))
+
+    for model in ("bert_base", "bert_large"):
+        for topology in TOPOLOGIES:
+            for fsdp in (False, True):
+                row(model, 128, topology, fsdp)
+    search("v5p-8", False, "none", 256)
+    search("v5e-8", False, "none", 64)
+    search("v5e-8", False, "full", 64)
+    for topology in TOPOLOGIES:
+        for fsdp in (False, True):
+            if (topology, fsdp) not in (("v5p-8", False), ("v5e-8", False)):
+                search(topology, fsdp, "none", 256)
+    for topology in TOPOLOGIES:
+        for fsdp in (False, True):
+            row("bert_base", 512, topology, fsdp)
     return work
 
 

@@ -62,6 +62,24 @@ ACTIVATIONS = {
 }
 
 
+def constrain_rows(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Pins an activation's sharding to the batch's (rows split, features whole), if given.
+
+    Under FSDP the large kernels are split along a feature dimension; left to itself, XLA's
+    sharding propagation then splits activations along their features too and gathers rows,
+    which costs more memory than the state it saves. Pinning the activations to the batch
+    sharding makes it gather each layer's weights instead (ZeRO-3).
+
+    Args:
+      x: an activation whose leading axis is the batch's rows.
+      sharding: the batch sharding (`parallel.batch_sharding`), or None (no constraint).
+
+    Returns:
+      x, constrained.
+    """
+    return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
     """Boolean self-attention mask for packed, padded rows.
 
@@ -88,15 +106,17 @@ class SelfAttention(nn.Module):
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
     kernels: KernelSet = KernelSet()
+    row_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """Args: x [B, S, H]; mask bool [B, 1, S, S]. Returns: [B, S, H] in the compute dtype."""
         heads = (self.num_heads, self.hidden_size // self.num_heads)
         project = functools.partial(dense_general, kernels=self.kernels, dtype=self.dtype)
-        query = project(heads, name="query")(x)
-        key = project(heads, name="key")(x)
-        value = project(heads, name="value")(x)
+        query, key, value = (
+            constrain_rows(project(heads, name=name)(x), self.row_sharding)
+            for name in ("query", "key", "value")
+        )
         rate, rng = 0.0, None
         if not deterministic and self.attention_dropout_rate > 0:
             rate, rng = self.attention_dropout_rate, self.make_rng("dropout")
@@ -117,6 +137,7 @@ class TransformerLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
     activation: str = "gelu_tanh"
     kernels: KernelSet = KernelSet()
+    row_sharding: jax.sharding.Sharding | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array, deterministic: bool) -> jax.Array:
@@ -131,13 +152,19 @@ class TransformerLayer(nn.Module):
             self.attention_dropout_rate,
             dtype=self.dtype,
             kernels=self.kernels,
+            row_sharding=self.row_sharding,
             name="attention",
         )(x, mask, deterministic=deterministic)
         x = layer_norm(name="attention_layer_norm")(x + dropout(attended))
+        x = constrain_rows(x, self.row_sharding)
         ffn = functools.partial(dense, kernels=self.kernels, dtype=self.dtype)
-        hidden = ffn(self.intermediate_size, name="intermediate")(x)
+        hidden = constrain_rows(
+            ffn(self.intermediate_size, name="intermediate")(x), self.row_sharding
+        )
         hidden = ffn(self.hidden_size, name="output")(ACTIVATIONS[self.activation](hidden))
-        return layer_norm(name="output_layer_norm")(x + dropout(hidden))
+        return constrain_rows(
+            layer_norm(name="output_layer_norm")(x + dropout(hidden)), self.row_sharding
+        )
 
 
 class Encoder(nn.Module):
@@ -156,6 +183,7 @@ class Encoder(nn.Module):
     activation: str = "gelu_tanh"
     remat: str = "none"
     kernels: KernelSet = KernelSet()
+    row_sharding: jax.sharding.Sharding | None = None
 
     def setup(self) -> None:
         embed = functools.partial(nn.Embed, features=self.hidden_size, embedding_init=kernel_init)
@@ -181,6 +209,7 @@ class Encoder(nn.Module):
                 dtype=self.dtype,
                 activation=self.activation,
                 kernels=self.kernels,
+                row_sharding=self.row_sharding,
                 name=f"layer_{i}",
             )
             for i in range(self.num_layers)
@@ -218,6 +247,7 @@ class Encoder(nn.Module):
         )
         x = self.embeddings_layer_norm(x)
         x = self.embeddings_dropout(x, deterministic=deterministic)
+        x = constrain_rows(x, self.row_sharding)
         mask = attention_mask(segment_ids)
         for layer in self.layers:
             x = layer(x, mask, deterministic)
@@ -285,6 +315,9 @@ class BertForPreTraining(nn.Module):
     # The backend kernels (`mlm.kernels.select`); None: `model.kernels=auto` for the default
     # devices (`task.build_model` passes the set for the mesh the step is compiled for).
     kernels: KernelSet | None = None
+    # The batch sharding its activations keep (`constrain_rows`; FSDP needs it); None: XLA
+    # chooses (one device, or a caller without a mesh).
+    row_sharding: jax.sharding.Sharding | None = None
 
     def setup(self) -> None:
         kernel_set = self.kernels or select_kernels("auto", jax.devices()[0].platform)
@@ -307,6 +340,7 @@ class BertForPreTraining(nn.Module):
             remat=self.remat,
             activation=self.activation,
             kernels=kernel_set,
+            row_sharding=self.row_sharding,
         )
         self.mlm_head = MaskedLMHead(
             self.hidden_size,

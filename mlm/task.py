@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mlm import kernels, privacy
+from mlm import kernels, parallel, privacy
 from mlm import loss_scale as loss_scale_lib
 from mlm.model import BertForPreTraining
 from mlm.optim import ema_update
@@ -56,20 +56,21 @@ class TaskState:
 
 
 def build_model(
-    config: ml_collections.ConfigDict, platform: str | None = None
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> BertForPreTraining:
     """Builds the pretraining model from `config.model` and `config.data.use_next_sentence_label`.
 
     Args:
       config: the full validated config.
-      platform: the platform of the devices the step is compiled for ('cpu', 'gpu', 'tpu'),
-        which `model.kernels=auto` decides from; None: that of `jax.devices()`.
+      mesh: the mesh the step is compiled for: its devices' platform decides `model.kernels=auto`
+        and its batch sharding is kept by the activations. None: the platform of
+        `jax.devices()`, no sharding constraint.
 
     Returns:
       The flax module (no parameters: those come from `init`).
     """
     m = config.model
-    platform = platform or jax.devices()[0].platform
+    platform = kernels.mesh_platform(mesh) if mesh is not None else jax.devices()[0].platform
     return BertForPreTraining(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
@@ -85,6 +86,7 @@ def build_model(
         activation=m.activation,
         remat=m.remat,
         kernels=kernels.select(m.kernels, platform),
+        row_sharding=None if mesh is None else parallel.batch_sharding(mesh),
     )
 
 

@@ -286,7 +286,7 @@ def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> S
     Returns:
       The Steps.
     """
-    model = task.build_model(config, kernels.mesh_platform(mesh))
+    model = task.build_model(config, mesh)
     tx = create_optimizer(config.optimizer, config.train.num_steps)
     schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
     init_fn = task.state_initializer(config, model, tx)

@@ -39,12 +39,16 @@ def test_unknown_setting_is_refused():
         config_lib.validate(config)
 
 
-def test_build_model_takes_the_platform_it_is_given_not_the_default_backend():
+def test_build_model_takes_kernels_and_row_sharding_from_the_mesh():
+    # A mesh of TPU devices on this CPU host gets the standard set: tests/test_aot.py.
     config = config_lib.validate(config_lib.sized_config("tiny"))
-    assert jax.default_backend() == "cpu"
-    assert task.build_model(config, "tpu").kernels == kernels.KernelSet("standard", "tpu")
-    assert task.build_model(config, "cpu").kernels == kernels.KernelSet("cpu", "cpu")
-    assert task.build_model(config).kernels == kernels.KernelSet("cpu", "cpu")
+    mesh = parallel.make_mesh(config.mesh)
+    model = task.build_model(config, mesh)
+    assert model.kernels == kernels.KernelSet("cpu", "cpu")
+    assert model.row_sharding == parallel.batch_sharding(mesh)
+    without_mesh = task.build_model(config)
+    assert without_mesh.kernels == kernels.KernelSet("cpu", "cpu")
+    assert without_mesh.row_sharding is None
 
 
 def test_dropout_layers_of_each_set():
@@ -157,10 +161,10 @@ def _train(kernel_set: str, num_steps: int, state=None):
 
 def test_both_sets_train_the_same_model_and_share_checkpoints():
     config = _tiny_config("cpu")
-    init_cpu = task.state_initializer(config, task.build_model(config, "cpu"), _optimizer(config))
+    init_cpu = task.state_initializer(config, task.build_model(config), _optimizer(config))
     init_std = task.state_initializer(
         config,
-        task.build_model(config, "cpu").clone(kernels=kernels.KernelSet("standard")),
+        task.build_model(config).clone(kernels=kernels.KernelSet("standard")),
         _optimizer(config),
     )
     params_cpu = jax.jit(init_cpu)(jax.random.PRNGKey(0)).params

@@ -13,8 +13,8 @@ import pytest
 
 from mlm import config as config_lib
 from mlm import fill_mask
-from mlm.kernels import cpu_host_memory
 from mlm.errors import DataError, WorkdirError
+from mlm.kernels import cpu_host_memory
 from mlm.train import prepare_workdir, train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
