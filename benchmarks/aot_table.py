@@ -157,7 +157,18 @@ def table(out: str) -> str:
         "XLA TFLOP / chip | model TFLOP / chip | XLA / model | compile (s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for record in load(out).values():
+
+    def order(record: dict) -> tuple:
+        return (
+            record["seq_length"],
+            record["model"],
+            TOPOLOGIES.index(record["topology"]),
+            record["mesh"]["fsdp"],
+            record["remat"],
+            record["global_batch_size"],
+        )
+
+    for record in sorted(load(out).values(), key=order):
         mesh = "x".join(f"{axis}={size}" for axis, size in record["mesh"].items())
         xla = record.get("xla_flops_per_chip")
         lines.append(
