@@ -160,7 +160,7 @@ def topology_devices(topology: Topology) -> list[jax.Device]:
             platform="tpu", topology_name=topology.topology_name, **kwargs
         )
     except (RuntimeError, ValueError, ImportError) as error:
-        if "libtpu" in str(error).lower() or "tpu" in str(error).lower():
+        if "tpu" in str(error).lower():  # libtpu missing or refusing to load
             raise ConfigError(
                 f"cannot load the TPU compiler ({' '.join(str(error).split())[:160]}); install "
                 "the tpu extra: pip install -e '.[tpu]'"
