@@ -31,7 +31,8 @@ import ml_collections
 
 from mlm import checkpoint, parallel, task
 from mlm import config as config_lib
-from mlm.errors import ConfigError, MlmError
+from mlm import config_file as config_file_lib
+from mlm.errors import ConfigError
 from mlm.step_bench import model_flops_per_token
 
 GIB = 2**30
@@ -387,7 +388,7 @@ def advice(record: dict[str, Any], config: ml_collections.ConfigDict) -> str:
 
 def run() -> None:
     """The command line: compiles, prints the JSON line; exit 1 when it does not fit."""
-    from absl import app, flags, logging
+    from absl import flags, logging
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -409,14 +410,7 @@ def run() -> None:
             print(f"error: {advice(record, config)}", file=sys.stderr)
             sys.exit(1)
 
-    try:
-        config_path = config_lib.config_file_from_argv(sys.argv)
-        if config_path:
-            config_lib.check_overrides(config_lib.load_config_file(config_path), sys.argv)
-        app.run(main)
-    except MlmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    config_file_lib.run_with_config(main)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
+from mlm import config_file as config_file_lib
 from mlm import kernels, step_bench
 from mlm.data.inputs import VOCAB_FILENAME, build_inputs
 from mlm.data.pipeline import prefetch
@@ -446,13 +447,13 @@ def run() -> None:
     from ml_collections import config_flags
 
     try:
-        config_path = config_lib.config_file_from_argv(sys.argv)
+        config_path = config_file_lib.config_file_from_argv(sys.argv)
         if config_path:
-            config_lib.check_overrides(config_lib.load_config_file(config_path), sys.argv)
+            config_file_lib.check_overrides(config_file_lib.load_config_file(config_path), sys.argv)
             config_flag = config_flags.DEFINE_config_file("config", None, "Config file.")
         else:
             # No file: base_config() (BERT-base data settings), still open to --config.x=y.
-            config_lib.check_overrides(config_lib.base_config(), sys.argv)
+            config_file_lib.check_overrides(config_lib.base_config(), sys.argv)
             config_flag = config_flags.DEFINE_config_dict("config", config_lib.base_config())
     except MlmError as error:
         print(f"error: {error}", file=sys.stderr)

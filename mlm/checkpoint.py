@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import math
 import os
 import shutil
 from collections.abc import Callable
@@ -16,9 +18,12 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
-from mlm.errors import ConfigError, WorkdirError
+from mlm.errors import ConfigError, DivergenceError, MlmError, WorkdirError
 
 CHECKPOINT_DIRNAME = "checkpoints"
 BEST_DIRNAME = "checkpoints_best"
@@ -111,6 +116,100 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+class _BackgroundFailureFilter(logging.Filter):
+    """Drops orbax's tracebacks of failed background saves: `save` / `finish` report them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def quiet_background_failures() -> None:
+    """Keeps orbax's background-save tracebacks off the console (command-line entry points).
+
+    A failed save reaches the run as one WorkdirError line (`save_failed`); orbax also logs
+    each failing thread's traceback, hundreds of lines for one full disk.
+    """
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _BackgroundFailureFilter) for f in absl_logger.filters):
+        absl_logger.addFilter(_BackgroundFailureFilter())
+
+
+def open_reader(directory: str) -> ocp.CheckpointManager:
+    """Opens another run's (or this run's) checkpoints only to read them.
+
+    Nothing under `directory` is created, cleaned up or written, so a reader may run while the
+    run that owns the directory is saving.
+
+    Args:
+      directory: a checkpoint directory (`WORKDIR/checkpoints`).
+
+    Returns:
+      A read-only CheckpointManager (close it after use).
+    """
+    options = ocp.CheckpointManagerOptions(
+        read_only=True,
+        create=False,
+        save_interval_steps=0,
+        temporary_path_class=(
+            ocp.path.atomicity.CommitFileTemporaryPath if on_fuse_mount(directory) else None
+        ),
+    )
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that a read-only manager is read only.
+    try:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    finally:
+        absl_logger.setLevel(level)
+
+
+def saved_config(directory: str, step: int) -> dict | None:
+    """The run config saved with a step (its `config` item), or None when absent or unreadable.
+
+    Args:
+      directory: a checkpoint directory.
+      step: a finished step.
+
+    Returns:
+      The config as a dict (the run's config.json at that step).
+    """
+    path = epath.Path(os.path.abspath(directory)) / str(step) / CONFIG_ITEM
+    if not path.is_dir():
+        return None
+    try:
+        with ocp.Checkpointer(ocp.JsonCheckpointHandler()) as checkpointer:
+            config = checkpointer.restore(path)
+    except Exception:  # noqa: BLE001 (a damaged item is as good as none here)
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def latest_saved_config(directory: str, steps: list[int]) -> tuple[dict, int] | None:
+    """The newest readable `config` item among `steps`, with its step, or None."""
+    for step in sorted(steps, reverse=True):
+        config = saved_config(directory, step)
+        if config is not None:
+            return config, step
+    return None
+
+
+def all_finite(state: Any) -> bool:
+    """Whether the parameters (and EMA parameters) of a TaskState are finite (one device sync).
+
+    Any other pytree: whether all its floating-point leaves are.
+    """
+    if hasattr(state, "params"):
+        ema_params = getattr(state, "ema_params", None)
+        state = [state.params] + ([ema_params] if ema_params is not None else [])
+    leaves = [leaf for leaf in jax.tree.leaves(state) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return bool(_all_finite(leaves)) if leaves else True
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def make_best_manager(directory: str, metric: str) -> ocp.CheckpointManager:
     """Opens the manager that keeps the single best step by an eval metric.
 
@@ -148,6 +247,11 @@ def save_best(
     """
     if step in manager.all_steps():
         return  # Kept before a resume; the resumed run reproduces the same state exactly.
+    numbers = [value for value in metrics.values() if isinstance(value, (int, float))]
+    if len(numbers) < len(metrics) or not all(map(math.isfinite, numbers)):
+        return  # A non-finite metric (logged as a string) never makes a step the best.
+    if not all_finite(state):
+        return
     items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
 
@@ -195,13 +299,67 @@ def save(
       state: the TaskState.
       data_iterator: the train input iterator, or None.
       config: the run's config as a dict, saved with the step (`config` item), or None.
+
+    Raises:
+      DivergenceError: the parameters are not finite (nothing is written).
+      WorkdirError: this save, or the previous one still in the background, failed (e.g. disk
+        full); unfinished step directories are removed.
     """
+    if not all_finite(state):
+        latest = manager.latest_step()
+        resume = f"step {latest}" if latest is not None else "the start"
+        raise DivergenceError(
+            f"training diverged: the parameters at step {step} are not finite, so step {step} "
+            f"was not saved; lower optimizer.learning_rate (or check the data) and run again "
+            f"to resume from {resume}"
+        )
     items = {STATE_ITEM: ocp.args.StandardSave(state_item(state))}
     if data_iterator is not None:
         items[DATA_ITEM] = grain.checkpoint.CheckpointSave(IteratorSnapshot(data_iterator))
     if config is not None:
         items[CONFIG_ITEM] = ocp.args.JsonSave(config)
-    manager.save(step, args=ocp.args.Composite(**items), force=True)
+    try:
+        manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+        raise save_failed(manager, error) from None
+
+
+def finish(manager: ocp.CheckpointManager) -> None:
+    """Waits for the background save and closes the manager.
+
+    Raises:
+      WorkdirError: the background save failed; unfinished step directories are removed.
+    """
+    try:
+        manager.wait_until_finished()
+        manager.close()
+    except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
+        raise save_failed(manager, error) from None
+
+
+def save_failed(manager: ocp.CheckpointManager, error: BaseException) -> WorkdirError:
+    """The one-line error of a failed save, after removing the unfinished step directories."""
+    if isinstance(error, WorkdirError):
+        return error
+    reason = " ".join(str(error).split())
+    for known in ("No space left on device", "File too large", "Permission denied"):
+        if known in reason:
+            reason = known
+            break
+    else:
+        reason = f"{type(error).__name__}: {reason[:160]}"
+    directory = os.fspath(manager.directory)
+    remove_unfinished(directory)
+    try:
+        manager.reload()
+        latest = manager.latest_step()
+    except Exception:  # noqa: BLE001 (the directory itself may be unreadable now)
+        latest = None
+    resume = f"from step {latest}" if latest is not None else "from the start"
+    return WorkdirError(
+        f"saving a checkpoint in '{directory}' failed ({reason}); free space or fix the disk, "
+        f"then run the same command again to resume {resume}"
+    )
 
 
 def restore(
@@ -237,49 +395,171 @@ def restore_latest_intact(
     data_iterator: grain.DatasetIterator | None = None,
     *,
     report: Callable[[str], None],
+    move_damaged: bool = False,
 ) -> tuple[Any, int] | None:
-    """Restores the newest step that reads back whole, moving damaged steps aside.
+    """Restores the newest step that reads back whole, trying older steps past damaged ones.
 
-    A step that fails to restore (truncated or corrupt files, a missing item) is reported, moved
-    to `checkpoints/damaged/STEP` (process 0; never deleted) and the previous step is tried.
+    A step that fails to restore (truncated or corrupt files, a missing item) is reported and
+    the previous step is tried; the run that owns the directory (`move_damaged`) moves it to
+    `checkpoints/damaged/STEP` (process 0; never deleted) so the step can be written again,
+    readers leave it in place. A step whose saved shapes or structure differ from
+    `abstract_state` is a config mismatch, never damage.
 
     Args:
-      manager: from `make_manager`.
+      manager: from `make_manager` (or `open_reader` for readers).
       abstract_state: the restore target (see `restore`).
       data_iterator: the train input iterator to move to the saved position, or None.
       report: prints one line (e.g. to stderr).
+      move_damaged: move damaged steps aside (only the run that owns the workdir; readers
+        leave them).
 
     Returns:
       (state, step), or None when the directory holds no step.
 
     Raises:
+      StateMismatchError: a step holds a state of other shapes or structure.
       WorkdirError: every step is damaged.
     """
-    steps = sorted(manager.all_steps(), reverse=True)
-    for step in steps:
+
+    def mismatch(step: int, reason: str) -> str | None:
+        if any(sign in reason for sign in _STRUCTURE_MISMATCH):
+            return reason[:160]
+        return params_mismatch(os.fspath(manager.directory), step, abstract_state)
+
+    return load_latest_intact(
+        list(manager.all_steps()),
+        lambda step: restore(manager, step, abstract_state, data_iterator),
+        where=f"'{manager.directory}'",
+        report=report,
+        mismatch=mismatch,
+        on_damaged=(lambda step: _move_aside(manager, step)) if move_damaged else None,
+    )
+
+
+class StateMismatchError(ConfigError):
+    """A checkpoint step holds a train state of other shapes or structure than the config builds.
+
+    Attributes:
+      step: the step.
+      difference: what differs, e.g. a parameter's saved and expected shapes.
+    """
+
+    def __init__(self, message: str, step: int, difference: str):
+        super().__init__(message)
+        self.step = step
+        self.difference = difference
+
+
+def load_latest_intact(
+    steps: list[int],
+    load: Callable[[int], Any],
+    *,
+    where: str,
+    report: Callable[[str], None],
+    mismatch: Callable[[int, str], str | None] = lambda step, reason: None,
+    on_damaged: Callable[[int], None] | None = None,
+) -> tuple[Any, int] | None:
+    """Calls `load(step)` on the steps, newest first, until one reads back whole.
+
+    Every reader of checkpoints (resume, `--mode eval`, fill_mask, convert, init_checkpoint)
+    goes through this, so they agree on which step is the latest intact one.
+
+    Args:
+      steps: the finished steps.
+      load: reads one step; raises on damage.
+      where: the checkpoint directory, for messages.
+      report: prints one line.
+      mismatch: (step, error text) -> what differs when the step is intact but holds another
+        state than the reader expects, else None (damage).
+      on_damaged: called with each damaged step (e.g. to move it aside); None leaves it.
+
+    Returns:
+      (what `load` returned, step), or None when there is no step.
+
+    Raises:
+      StateMismatchError: `mismatch` named a difference.
+      WorkdirError: every step is damaged.
+    """
+    for step in sorted(steps, reverse=True):
         try:
-            return restore(manager, step, abstract_state, data_iterator), step
+            return load(step), step
+        except MlmError:
+            raise
         except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
             reason = " ".join(str(error).split())[:200]
-            if any(sign in reason for sign in _STRUCTURE_MISMATCH):
-                # Not damage: this config builds another state (e.g. another optimizer).
-                raise ConfigError(
-                    f"checkpoint step {step} holds a train state of another structure than "
-                    f"this config builds ({reason[:120]}...); resume with the config the run "
-                    "was started with (WORKDIR/config.json: optimizer.name, clip_norm, ...) "
-                    "or use a new --workdir"
+            difference = mismatch(step, reason)
+            if difference is not None:
+                raise StateMismatchError(
+                    f"checkpoint step {step} holds a train state of another shape or structure "
+                    f"than this config builds ({difference}); resume with the config the run "
+                    "was started with (WORKDIR/config.json, or checkpoints/STEP/config) or use "
+                    "a new --workdir",
+                    step,
+                    difference,
                 ) from None
+            action = (
+                f"moved to {DAMAGED_DIRNAME}/{step}" if on_damaged is not None else "left in place"
+            )
             report(
                 f"checkpoint step {step} is incomplete or damaged ({type(error).__name__}: "
-                f"{reason}); moved to {DAMAGED_DIRNAME}/{step}, trying the previous step"
+                f"{reason}); {action}, trying the previous step"
             )
-            _move_aside(manager, step)
+            if on_damaged is not None:
+                on_damaged(step)
     if steps:
+        moved = f" (damaged steps moved to {DAMAGED_DIRNAME}/)" if on_damaged is not None else ""
         raise WorkdirError(
-            f"no intact checkpoint in '{manager.directory}' (damaged steps moved to "
-            f"{DAMAGED_DIRNAME}/); use a new --workdir or restore the files"
+            f"no intact checkpoint in {where}{moved}; use a new --workdir or restore the files"
         )
     return None
+
+
+def params_mismatch(directory: str, step: int, abstract_state: Any) -> str | None:
+    """What differs between a step's saved parameters and those of `abstract_state`, if anything.
+
+    Reads only the step's metadata (names and shapes). Unreadable metadata is damage, not a
+    mismatch: None.
+
+    Args:
+      directory: the checkpoint directory.
+      step: the step.
+      abstract_state: the TaskState (of ShapeDtypeStructs) the reader expects.
+
+    Returns:
+      e.g. "params/bert/.../kernel is (32, 64) in the checkpoint, (64, 64) here", or None.
+    """
+    item = epath.Path(os.path.abspath(directory)) / str(step) / STATE_ITEM
+    try:
+        saved = ocp.PyTreeCheckpointHandler().metadata(item).tree["params"]
+    except Exception:  # noqa: BLE001 (unreadable metadata: damage)
+        return None
+    expected = getattr(abstract_state, "params", None)
+    if expected is None:
+        return None
+    saved_shapes = _shapes(saved)
+    expected_shapes = _shapes(expected)
+    only_saved = sorted(set(saved_shapes) - set(expected_shapes))
+    only_expected = sorted(set(expected_shapes) - set(saved_shapes))
+    if only_saved or only_expected:
+        names = [f"params/{name} only in the checkpoint" for name in only_saved[:2]]
+        names += [f"params/{name} only here" for name in only_expected[:2]]
+        return "; ".join(names)
+    for name, shape in sorted(saved_shapes.items()):
+        if tuple(shape) != tuple(expected_shapes[name]):
+            return (
+                f"params/{name} is {tuple(shape)} in the checkpoint, "
+                f"{tuple(expected_shapes[name])} here"
+            )
+    return None
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """{'a/b/c': shape} of a nested mapping of arrays or array metadata."""
+    flat = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        name = "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+        flat[name] = tuple(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
+    return flat
 
 
 def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:

@@ -2,15 +2,14 @@
 
 Config files under `configs/` start from `base_config()` and change fields; `validate` then
 checks the result against the schema (unknown fields, wrong types, bad values) before anything runs.
+Reading config files and `--config` flags is `mlm.config_file`.
 """
 
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import json
-import os
-import re
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -221,19 +220,19 @@ def sized_config(size: str) -> ml_collections.ConfigDict:
     return config
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
+def leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, object]:
     """Flattens a ConfigDict into {'section.field': value}."""
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            flat.update(_leaves(value, name + "."))
+            flat.update(leaves(value, name + "."))
         else:
             flat[name] = value
     return flat
 
 
-def _did_you_mean(name: str, known: Sequence[str]) -> str:
+def did_you_mean(name: str, known: Sequence[str]) -> str:
     """Returns ' (did you mean X?)' for the closest known field name, or ''."""
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -241,12 +240,12 @@ def _did_you_mean(name: str, known: Sequence[str]) -> str:
 
 def _check_schema(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for fields the schema does not have or values of the wrong type."""
-    schema = _leaves(base_config())
-    given = _leaves(config)
+    schema = leaves(base_config())
+    given = leaves(config)
     for name, value in given.items():
         if name not in schema:
             raise ConfigError(
-                f"unknown config field '{name}'{_did_you_mean(name, schema)}; the fields are"
+                f"unknown config field '{name}'{did_you_mean(name, schema)}; the fields are"
                 " listed in README.md 'Config reference'"
             )
         expected = type(schema[name])
@@ -274,7 +273,14 @@ def _require(condition: bool, message: str) -> None:
 def _check_values(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for values that are of the right type but cannot work."""
     model, data, train, opt = config.model, config.data, config.train, config.optimizer
-    for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_layers",
+        "num_heads",
+        "intermediate_size",
+        "type_vocab_size",
+    ):
         _require(model[name] > 0, f"model.{name} must be positive, got {model[name]}")
     _require(
         model.hidden_size % model.num_heads == 0,
@@ -328,6 +334,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
             f"data.{sources[0]} and data.{sources[1]} are both set; set one data source "
             f"({', '.join(DATA_SOURCE_FIELDS)}), or none for the built-in corpus"
         )
+    _require(
+        not (data.prepared_dir and data.vocab_file),
+        "data.vocab_file is set but data.prepared_dir brings its own vocab.txt; clear "
+        "data.vocab_file (the ids in the prepared files were made with the prepared vocab)",
+    )
     for source, eval_field in (
         ("train_files", "eval_files"),
         ("tfds_name", "tfds_eval_split"),
@@ -358,6 +369,17 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"'{train.best_metric}'",
     )
     _require(
+        data.use_next_sentence_label or not train.best_metric.startswith("next_sentence"),
+        f"train.best_metric '{train.best_metric}' needs data.use_next_sentence_label=True (without "
+        "it eval has no next-sentence metrics); pick masked_lm_accuracy, lm_example_loss or "
+        "validation_loss, or set data.use_next_sentence_label=True",
+    )
+    _require(
+        0 <= train.seed < 2**32,
+        f"train.seed must be in [0, 2**32) for grain's shuffle and jax.random.PRNGKey, got "
+        f"{train.seed}",
+    )
+    _require(
         not train.init_optimizer or train.init_checkpoint,
         "train.init_optimizer needs train.init_checkpoint; set both or neither",
     )
@@ -386,6 +408,15 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"train.global_batch_size ({train.global_batch_size}) must be divisible by "
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps})",
     )
+    _check_batch_split(config)
+    for name in ("b1", "b2"):
+        _require(0.0 <= opt[name] < 1.0, f"optimizer.{name} must be in [0, 1), got {opt[name]}")
+    for name in ("end_learning_rate", "weight_decay", "clip_norm", "eps"):
+        _require(
+            opt[name] >= 0.0,
+            f"optimizer.{name} must be >= 0"
+            f"{' (0: no clipping)' if name == 'clip_norm' else ''}, got {opt[name]}",
+        )
     _require(
         0.0 <= opt.ema_decay < 1.0,
         f"optimizer.ema_decay must be in [0, 1) (0: no EMA), got {opt.ema_decay}",
@@ -399,6 +430,30 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"optimizer.loss_scale_growth_steps must be >= 1, got {opt.loss_scale_growth_steps}",
     )
     _check_privacy(config.privacy, train.global_batch_size)
+
+
+def _check_batch_split(config: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for a global batch the fixed mesh or input shards cannot split.
+
+    `mlm.parallel.check_batch_size` and `mlm.data.inputs.input_shards` check the same once the
+    device and process counts are known; the sizes the config fixes are checked here, before
+    any workdir is made.
+    """
+    batch, accum = config.train.global_batch_size, config.optimizer.grad_accum_steps
+    shards = config.data.input_shards
+    _require(
+        not shards or batch % shards == 0,
+        f"train.global_batch_size ({batch}) must be divisible by data.input_shards ({shards}); "
+        "change one of them",
+    )
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    if data != -1 and fsdp != -1:
+        _require(
+            batch % (data * fsdp * accum) == 0,
+            f"train.global_batch_size ({batch}) must be divisible by the number of devices "
+            f"(mesh.data {data} x mesh.fsdp {fsdp}) x optimizer.grad_accum_steps ({accum}); "
+            "change the batch size or the accumulation steps",
+        )
 
 
 def _check_privacy(privacy: ml_collections.ConfigDict, global_batch_size: int) -> None:
@@ -423,6 +478,42 @@ def _check_privacy(privacy: ml_collections.ConfigDict, global_batch_size: int) -
     )
 
 
+# Int fields go to the device (steps, sizes, ids) or meet values that do, as int32.
+INT32_MAX = 2**31 - 1
+# The fields that may go higher: (largest value or None for no limit, why).
+_INT_LIMITS = {
+    "train.seed": (2**32 - 1, "grain's shuffle and jax.random.PRNGKey take 32-bit seeds"),
+    "mesh.fsdp_min_size": (None, ""),  # Compared with array sizes on the host.
+    "privacy.num_examples": (None, ""),  # Host-side accounting only.
+}
+
+
+def check_number(name: str, value: Any) -> None:
+    """Raises ConfigError for a float field that is not finite or an int field out of range."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(
+            f"config field '{name}' must be a finite number, got {value}; fix the value in the "
+            "config file or the override"
+        )
+    if isinstance(value, int) and not isinstance(value, bool):
+        limit, why = _INT_LIMITS.get(name, (INT32_MAX, "steps, sizes and ids are int32"))
+        if limit is not None and value > limit:
+            raise ConfigError(
+                f"config field '{name}' must be at most {limit} ({why}), got {value}; fix the "
+                "value in the config file or the override"
+            )
+
+
+def _int_to_float(name: str, value: int) -> float:
+    try:
+        return float(value)
+    except OverflowError:
+        raise ConfigError(
+            f"config field '{name}' must be a finite number, got an int of {len(str(value))} "
+            "digits; fix the value in the config file or the override"
+        ) from None
+
+
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a config against the schema and returns it locked.
 
@@ -436,98 +527,17 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
       ConfigError: with a one-line message naming the field and the fix.
     """
     _check_schema(config)
-    schema = _leaves(base_config())
-    for name, value in _leaves(config).items():
+    schema = leaves(base_config())
+    for name, value in leaves(config).items():
         if type(schema[name]) is float and isinstance(value, int):
+            value = _int_to_float(name, value)
             section, field = name.split(".")
             with config.unlocked():
-                config[section][field] = float(value)
+                config[section][field] = value
+        check_number(name, value)
     _check_values(config)
     config.lock()
     return config
-
-
-def load_config_file(path: str) -> ml_collections.ConfigDict:
-    """Loads `get_config()` from a config file (for notebooks and tools; the CLI uses absl flags).
-
-    Args:
-      path: a Python file defining `get_config()`.
-
-    Returns:
-      The config it returns (not yet validated).
-    """
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; pass e.g. configs/quickstart.py")
-    spec = importlib.util.spec_from_file_location("mlm_user_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError(
-            f"config file '{path}' defines no get_config(); see configs/quickstart.py"
-        )
-    try:
-        return module.get_config()
-    except (TypeError, AttributeError, KeyError) as error:
-        # ml_collections refuses ill-typed assignments (TypeError) and, on locked configs,
-        # unknown fields (AttributeError); report them as one line.
-        reason = " ".join(str(error).split())
-        raise ConfigError(f"config file '{path}': {reason}; fix the field in the file") from error
-
-
-_OVERRIDE = re.compile(r"^--config\.([A-Za-z0-9_.]+)(=.*)?$")
-
-
-def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> None:
-    """Raises ConfigError for a `--config.x.y=v` flag naming a field the config does not have.
-
-    absl's config flags already type-check values; an unknown name would otherwise surface as a
-    traceback from inside flag parsing.
-
-    Args:
-      config: the config loaded from the `--config` file.
-      argv: the command line.
-    """
-    known = _leaves(config)
-    for arg in argv:
-        match = _OVERRIDE.match(arg)
-        if match and match.group(1) not in known:
-            name = match.group(1)
-            raise ConfigError(
-                f"unknown config field '{name}' in override '{arg}'{_did_you_mean(name, known)};"
-                " the fields are listed in README.md 'Config reference'"
-            )
-        if match and match.group(2):
-            _check_override_type(match.group(1), match.group(2)[1:], known[match.group(1)])
-
-
-def _check_override_type(name: str, text: str, default: Any) -> None:
-    """Raises ConfigError when an override's value cannot be read as its field's type."""
-    expected = type(default)
-    if expected is bool:
-        ok = text.lower() in ("true", "false", "1", "0")
-    elif expected in (int, float):
-        try:
-            expected(text)
-            ok = True
-        except ValueError:
-            ok = False
-    else:
-        return
-    if not ok:
-        raise ConfigError(
-            f"config field '{name}' must be {expected.__name__}, got '{text}' in override "
-            f"'--config.{name}={text}'; fix the value"
-        )
-
-
-def config_file_from_argv(argv: Sequence[str]) -> str | None:
-    """Returns the value of `--config FILE` / `--config=FILE` in argv, if any."""
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
-    return None
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
@@ -541,13 +551,35 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     Fields added to the schema after the file was written take their defaults.
     """
     config = base_config()
-    for section, fields in json.loads(text).items():
-        if not isinstance(fields, dict) or section not in config:
+    try:
+        sections = json.loads(text)
+    except ValueError as error:
+        raise ConfigError(
+            f"config.json is not valid JSON ({error}); restore the run's config.json"
+        ) from None
+    if not isinstance(sections, dict):
+        raise ConfigError(
+            f"config.json holds a {type(sections).__name__}, not an object of config sections; "
+            "restore the run's config.json"
+        )
+    for section, fields in sections.items():
+        if section not in config:
             config[section] = fields  # Reported by validate() as an unknown field.
             continue
+        if not isinstance(fields, dict):
+            raise ConfigError(
+                f"config.json: section '{section}' must be an object of fields, got {fields!r}; "
+                "fix config.json"
+            )
         for field, value in fields.items():
             if field in config[section] and isinstance(config[section][field], float):
-                value = float(value) if isinstance(value, int) else value
+                if isinstance(value, bool):  # ml_collections would take True as 1.0.
+                    raise ConfigError(
+                        f"config field '{section}.{field}' must be float, got {value!r}; fix "
+                        "config.json"
+                    )
+                if isinstance(value, int):
+                    value = _int_to_float(f"{section}.{field}", value)
             try:
                 with config.unlocked():
                     config[section][field] = value

@@ -35,7 +35,7 @@ from mlm import checkpoint, kernels, task
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import VOCAB_FILENAME
-from mlm.data.tokenizer import load_vocab
+from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
 from mlm.interop import hf, layout, tf_bert
 from mlm.optim import create_optimizer
@@ -105,17 +105,22 @@ def _write_into_place(output: str, write: Callable[[str], None]) -> None:
 
 
 def mlm_config(
-    fields: Mapping[str, Any], next_sentence: bool, lowercase: bool
+    fields: Mapping[str, Any], next_sentence: bool, lowercase: bool, where: str = "the config"
 ) -> ml_collections.ConfigDict:
     """The config of a converted workdir: the defaults, with the checkpoint's model fields.
 
     Args:
-      fields: `layout.model_fields`.
+      fields: `layout.model_fields` (checked there).
       next_sentence: the model has the next-sentence head.
       lowercase: the vocab is uncased.
+      where: the BERT config file, for messages.
 
     Returns:
       A validated config.
+
+    Raises:
+      DataError: the model is one mlm cannot run (e.g. max_position_embeddings below the
+        shortest data.seq_length).
     """
     config = config_lib.base_config()
     for name, value in fields.items():
@@ -123,7 +128,21 @@ def mlm_config(
     config.data.lowercase = lowercase
     config.data.use_next_sentence_label = next_sentence
     config.data.seq_length = min(config.data.seq_length, config.model.max_position_embeddings)
-    return config_lib.validate(config)
+    try:
+        return config_lib.validate(config)
+    except ConfigError as error:
+        raise DataError(f"{where}: mlm cannot run this model ({error})") from None
+
+
+def _check_vocab_size(vocab_text: str, fields: Mapping[str, Any], where: str) -> None:
+    """Raises DataError when the vocab is not a BERT vocab.txt or is larger than vocab_size."""
+    size = len(vocab_tokens(vocab_text, where))
+    if size > fields["vocab_size"]:
+        raise DataError(
+            f"{where}: the vocab has {size} tokens, more than vocab_size {fields['vocab_size']} "
+            "in the config; the vocab and the weights do not belong together: give the vocab "
+            "saved with the model"
+        )
 
 
 def _check_shapes(params: Any, abstract_params: Any, where: str) -> None:
@@ -208,13 +227,15 @@ def from_hf(input_dir: str, output: str, lowercase: bool | None = None) -> Conve
         raise ConfigError(f"--input '{input_dir}' is not a directory; give a model directory")
     config_path = os.path.join(input_dir, hf.CONFIG_FILENAME)
     fields = layout.model_fields(hf.read_json(config_path), layout.HF_ACTIVATIONS, config_path)
+    vocab_text = hf.read_vocab(input_dir)
+    _check_vocab_size(vocab_text, fields, input_dir)
     tensors = hf.read_tensors(input_dir)
     params, left_out = layout.params_from_hf(tensors, fields, input_dir)
     next_sentence = "nsp_head" in params
     if lowercase is None:
         lowercase = hf.read_lowercase(input_dir)
-    config = mlm_config(fields, next_sentence, lowercase)
-    write_workdir(output, config, params, hf.read_vocab(input_dir), input_dir)
+    config = mlm_config(fields, next_sentence, lowercase, config_path)
+    write_workdir(output, config, params, vocab_text, input_dir)
     return Converted(os.path.abspath(output), *_count(params), next_sentence, left_out)
 
 
@@ -243,6 +264,8 @@ def from_tf_bert(
     fields = layout.model_fields(hf.read_json(config_path), layout.TF_BERT_ACTIVATIONS, config_path)
     if not os.path.isfile(vocab_path):
         raise ConfigError(f"vocab '{vocab_path}' not found; pass --vocab PATH/vocab.txt")
+    vocab_text = read_vocab_text(vocab_path)
+    _check_vocab_size(vocab_text, fields, vocab_path)
     variables = tf_bert.read_checkpoint(prefix)
     tensors, left_out = layout.hf_from_tf_bert(variables, fields["num_layers"], prefix)
     params, _ = layout.params_from_hf(tensors, fields, prefix)
@@ -250,9 +273,7 @@ def from_tf_bert(
     if lowercase is None:
         release = os.path.basename(os.path.dirname(os.path.abspath(prefix)))
         lowercase = not release.startswith("cased_")
-    config = mlm_config(fields, next_sentence, lowercase)
-    with open(vocab_path, encoding="utf-8") as file:
-        vocab_text = file.read()
+    config = mlm_config(fields, next_sentence, lowercase, config_path)
     write_workdir(output, config, params, vocab_text, prefix)
     return Converted(os.path.abspath(output), *_count(params), next_sentence, left_out)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import numbers
 import os
 import sys
 from typing import Any
@@ -18,10 +19,10 @@ import jax
 import numpy as np
 
 from mlm import checkpoint, kernels, task
-from mlm import config as config_lib
+from mlm import workdir as workdir_lib
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
-from mlm.errors import DataError, MlmError, WorkdirError
+from mlm.errors import ConfigError, DataError, MlmError, WorkdirError
 from mlm.optim import create_optimizer
 
 
@@ -66,8 +67,7 @@ def load_predictor(workdir: str) -> Predictor:
             raise WorkdirError(
                 f"'{path}' not found; is '{workdir}' a workdir written by mlm.train?"
             )
-    with open(config_path) as file:
-        config = config_lib.from_json(file.read())
+    config = workdir_lib.read_config(workdir)
     vocab = load_vocab(vocab_path, config.data.lowercase)
     model = task.build_model(config)
     tx = create_optimizer(config.optimizer, config.train.num_steps)
@@ -77,18 +77,32 @@ def load_predictor(workdir: str) -> Predictor:
     target = checkpoint.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
     if not checkpoint.has_checkpoint(workdir):
         raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
-    manager = checkpoint.make_manager(checkpoint.checkpoint_dir(workdir), keep=0)
+    # Read only, and past damaged steps as a resume would (leaving them in place).
+    manager = checkpoint.open_reader(checkpoint.checkpoint_dir(workdir))
     try:
-        step = manager.latest_step()
-        if step is None:
-            raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
-        state = checkpoint.restore(manager, step, target)
+        restored = checkpoint.restore_latest_intact(manager, target, report=_report)
     finally:
         manager.close()
+    if restored is None:
+        raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
+    state, step = restored
     infer = jax.jit(functools.partial(task.inference_step, model=model))
     ema = state.ema_params is not None
     params = state.ema_params if ema else state.params
     return Predictor(config=config, vocab=vocab, params=params, step=step, infer=infer, ema=ema)
+
+
+def _report(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def check_top_k(top_k: int) -> None:
+    """Raises ConfigError unless `top_k` (candidates per mask) is at least 1."""
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1:
+        raise ConfigError(
+            f"--top_k must be a whole number of at least 1, got {top_k!r}; e.g. --top_k 5 "
+            "(values above the vocab show every candidate)"
+        )
 
 
 def encode_masked_text(text: str, vocab: Vocab, seq_length: int) -> dict[str, np.ndarray]:
@@ -137,13 +151,18 @@ def fill_mask(predictor: Predictor, text: str, top_k: int = 5) -> list[list[tupl
     Args:
       predictor: from `load_predictor`.
       text: text with one or more `[MASK]` markers.
-      top_k: candidates per mask.
+      top_k: candidates per mask, at least 1; more than the vocab offers gives all of them.
 
     Returns:
       For each mask, in order, the top_k (token, probability) pairs, most likely first. The
       probability is the model's softmax over its whole vocabulary, as transformers' fill-mask
       pipeline reports it; special tokens ([PAD], [CLS], [unused0], ...) are not offered.
+
+    Raises:
+      ConfigError: top_k is below 1.
+      DataError: the text has no `[MASK]` or is too long.
     """
+    check_top_k(top_k)
     batch = encode_masked_text(text, predictor.vocab, predictor.config.data.seq_length)
     logits = np.asarray(predictor.infer(predictor.params, batch)["mlm_logits"][0], np.float64)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
@@ -151,8 +170,9 @@ def fill_mask(predictor: Predictor, text: str, top_k: int = 5) -> list[list[tupl
     candidates = probs[:, : predictor.vocab.size].copy()
     candidates[:, predictor.vocab.special_ids] = -1.0
     results = []
+    offered = candidates.shape[1] - predictor.vocab.special_ids.size  # Non-special tokens.
     for row in candidates:
-        best = np.argsort(-row, kind="stable")[:top_k]
+        best = np.argsort(-row, kind="stable")[: min(top_k, offered)]
         results.append([(predictor.vocab.tokens[i], float(row[i])) for i in best])
     return results
 
@@ -174,10 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", required=True, help="a workdir written by mlm.train")
     parser.add_argument("--text", required=True, help='text with [MASK], e.g. "A [MASK] day."')
-    parser.add_argument("--top_k", type=int, default=5, help="candidates per mask")
+    parser.add_argument(
+        "--top_k", type=int, default=5, help="candidates per mask (at most the vocab's tokens)"
+    )
     args = parser.parse_args(argv)
     kernels.skip_absent_tpu()
     try:
+        check_top_k(args.top_k)  # Before the checkpoint is read.
         predictor = load_predictor(args.workdir)
         predictions = fill_mask(predictor, args.text, args.top_k)
     except MlmError as error:

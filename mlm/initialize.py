@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -81,22 +82,10 @@ class InitReport:
 
 
 def _finished_steps(directory: str) -> list[int]:
-    """The finished steps of a checkpoint directory, as orbax's manager lists them.
-
-    The manager is opened as `mlm.checkpoint.make_manager` opens it (commit files on FUSE mounts),
-    without `create`, and never saves: another run's checkpoints are only read.
-    """
-    options = ocp.CheckpointManagerOptions(
-        create=False,
-        temporary_path_class=(
-            ocp.path.atomicity.CommitFileTemporaryPath
-            if checkpoint.on_fuse_mount(directory)
-            else None
-        ),
-    )
-    manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    """The finished steps of another run's checkpoint directory (read only), oldest first."""
+    manager = checkpoint.open_reader(directory)
     try:
-        return list(manager.all_steps())
+        return sorted(manager.all_steps())
     finally:
         manager.close()
 
@@ -304,6 +293,26 @@ def load_initial_state(
         shape, or (with `init_optimizer`) another optimizer state structure.
     """
     directory, step = resolve_checkpoint(path)
+    named_step = os.path.basename(os.path.normpath(path)).isdigit()
+    steps = [step] if named_step else _finished_steps(directory)
+    found = checkpoint.load_latest_intact(
+        steps,
+        lambda step: _load_step(state, directory, step, init_optimizer),
+        where=f"train.init_checkpoint '{path}'",
+        report=_report,
+    )
+    return found[0]
+
+
+def _report(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, file=sys.stderr)
+
+
+def _load_step(
+    state: TaskState, directory: str, step: int, init_optimizer: bool
+) -> tuple[TaskState, InitReport]:
+    """`load_initial_state` from one step of a checkpoint directory."""
     where = f"checkpoint '{directory}' step {step}"
     item_dir = epath.Path(os.path.abspath(directory)) / str(step) / checkpoint.STATE_ITEM
     saved = _saved_tree(item_dir, where)

@@ -27,16 +27,27 @@ def _jsonable(value: float | int) -> float | int | str | None:
 class MetricWriter:
     """Appends metrics to `NAME.jsonl` files and TensorBoard events in a workdir.
 
+    A run that starts from step `start_step` (0: a new run) first drops the records of later
+    steps, which an earlier attempt logged and this run logs again: JSON lines are rewritten
+    and TensorBoard is told to purge them, so every step is logged once.
+
     Args:
       workdir: the run directory; events go to `workdir/tensorboard`.
+      start_step: the step the run starts from (the restored checkpoint's, or 0); None for a
+        reader (e.g. `--mode eval`) that only appends.
     """
 
-    def __init__(self, workdir: str):
+    def __init__(self, workdir: str, start_step: int | None = 0):
         self._workdir = workdir
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
         if self._enabled:
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if start_step is not None:
+                self.drop_after(start_step)
+            self._tensorboard = SummaryWriter(
+                os.path.join(workdir, "tensorboard"),
+                purge_step=None if start_step is None else start_step + 1,
+            )
 
     def write(self, name: str, metrics: Mapping[str, float | int]) -> None:
         """Writes one record (must contain `step`) to `name.jsonl` and TensorBoard.
@@ -75,6 +86,22 @@ class MetricWriter:
             kept = [line for line in lines if _record_step(line) <= step]
             if len(kept) < len(lines):
                 write_text_atomically(path, "".join(kept))
+
+    def logged(self, name: str, step: int) -> dict | None:
+        """The record of `step` in `name.jsonl` (every process reads it), or None.
+
+        Args:
+          name: the file stem, e.g. `eval_metrics`.
+          step: the step.
+        """
+        path = os.path.join(self._workdir, f"{name}.jsonl")
+        if not os.path.exists(path):
+            return None
+        with open(path) as file:
+            for line in file:
+                if _record_step(line) == step:
+                    return json.loads(line)
+        return None
 
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer."""

@@ -8,7 +8,6 @@ Run:
 from __future__ import annotations
 
 import functools
-import json
 import os
 import sys
 import time
@@ -22,94 +21,15 @@ import numpy as np
 
 from mlm import checkpoint, distributed, initialize, kernels, parallel, privacy, task
 from mlm import config as config_lib
-from mlm.data.corpus import write_text_atomically
+from mlm import config_file as config_file_lib
+from mlm import workdir as workdir_lib
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
-from mlm.errors import ConfigError, DivergenceError, MlmError, WorkdirError
+from mlm.errors import ConfigError, DivergenceError, WorkdirError
 from mlm.metrics import MetricWriter, progress_bar
 from mlm.model import BertForPreTraining
 from mlm.optim import create_optimizer, learning_rate_schedule
 from mlm.preemption import PreemptionWatcher
-
-# Sections of config.json a resumed run must share with the run that wrote the checkpoints,
-# except fields that change neither the model nor the batches (every kernel set has the same
-# parameters and computes the same function).
-_FIXED_SECTIONS = ("model", "data")
-_FREE_FIELDS = ("data.prefetch_batches", "model.kernels")
-# Evaluation may read other data; only the data fields that shape the model or its tokens stay.
-_EVAL_FIXED_DATA = ("data.lowercase", "data.use_next_sentence_label")
-
-
-def _is_fixed(name: str, mode: str) -> bool:
-    if name.startswith("data.") and mode == "eval":
-        return name in _EVAL_FIXED_DATA
-    return name not in _FREE_FIELDS
-
-
-def prepare_workdir(
-    config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_eval"
-) -> dict | None:
-    """Creates the workdir and checks it is writable and consistent with `config`.
-
-    `config.json` is written by `write_config` once the state is restored or created, so a
-    config the checkpoints refuse never replaces the run's own.
-
-    Args:
-      config: the validated config.
-      workdir: the run directory.
-      mode: `eval` lets the data fields differ, except those that shape the model or its tokens.
-
-    Returns:
-      The config.json of the run that wrote the workdir's checkpoints, or None.
-
-    Raises:
-      WorkdirError: unwritable, or it holds checkpoints of a run with different model/data fields.
-    """
-    if "://" in workdir:
-        raise WorkdirError(
-            f"workdir '{workdir}' is a URL; mlm.train writes its workdir through the local "
-            "filesystem: mount the bucket (e.g. gcsfuse, as launch/tpu_vm.sh does) and pass the "
-            "mounted path"
-        )
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-        with open(probe, "w") as file:
-            file.write("ok")
-        os.remove(probe)
-    except OSError as error:
-        raise WorkdirError(
-            f"workdir '{workdir}' is not writable ({error.strerror}); pass a writable --workdir"
-        ) from error
-    path = os.path.join(workdir, "config.json")
-    previous = None
-    if os.path.exists(path) and checkpoint.has_checkpoint(workdir):
-        try:
-            with open(path) as file:
-                previous = json.load(file)
-        except (OSError, ValueError) as error:
-            raise WorkdirError(
-                f"{path}: cannot be read ({error}); restore it from a checkpoint step's "
-                "config item (checkpoints/STEP/config) or use a new --workdir"
-            ) from None
-        current = config.to_dict()
-        for section in _FIXED_SECTIONS:
-            for field, value in current[section].items():
-                if not _is_fixed(f"{section}.{field}", mode):
-                    continue
-                if section in previous and previous[section].get(field, value) != value:
-                    raise WorkdirError(
-                        f"workdir '{workdir}' holds a run with {section}.{field}="
-                        f"{previous[section][field]!r}, this config has {value!r}; use a new "
-                        "--workdir or the same config"
-                    )
-    return previous
-
-
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the run's `config.json` (process 0)."""
-    if jax.process_index() == 0:
-        write_text_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(config))
 
 
 class _TrainLogger:
@@ -322,6 +242,9 @@ def train_and_evaluate(
 ) -> dict[str, dict[str, float]]:
     """Pretrains (and evaluates) a masked LM, resuming from the workdir's latest checkpoint.
 
+    The workdir is locked for the whole run (see `mlm.workdir`): a second run in it stops at
+    once with a one-line error.
+
     Args:
       config: a config from `configs/` (validated here).
       workdir: where config.json, vocab.txt, metrics, TensorBoard events and checkpoints go.
@@ -332,11 +255,22 @@ def train_and_evaluate(
       and 'preempted': {'step': N} when a SIGTERM / SIGINT stopped the run after saving step N.
     """
     if mode not in config_lib.MODES:
-        raise config_lib.ConfigError(
-            f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'"
-        )
+        raise ConfigError(f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'")
     config = config_lib.validate(config)
-    previous_config = prepare_workdir(config, workdir, mode)
+    workdir_lib.check_path(workdir)
+    if mode == "eval" and not checkpoint.has_checkpoint(workdir):
+        raise WorkdirError(
+            f"--mode eval: workdir '{workdir}' has no checkpoint; train first, or pass the "
+            "workdir of a trained run"
+        )
+    workdir_lib.create(workdir)
+    with workdir_lib.locked(workdir):
+        return _run(config, workdir, mode)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, dict[str, float]]:
+    """`train_and_evaluate` in a created, locked workdir."""
+    previous_config = workdir_lib.check_consistent(config, workdir, mode)
     if config.train.init_checkpoint and not checkpoint.has_checkpoint(workdir):
         initialize.resolve_checkpoint(config.train.init_checkpoint)  # Fail before the data.
     mesh = parallel.make_mesh(config.mesh)
@@ -351,6 +285,11 @@ def train_and_evaluate(
         shard_index=jax.process_index(),
         shard_count=jax.process_count(),
     )
+    if mode == "eval" and inputs.eval is None:
+        raise ConfigError(
+            f"--mode eval: {inputs.source} has no eval data; set the eval data of the source "
+            "(data.eval_files, data.tfds_eval_split or data.eval_tfrecord_files)"
+        )
     check_inputs(inputs, config.train.global_batch_size // jax.process_count())
     steps = build_steps(config, mesh)
     abstract, shardings = steps.abstract, steps.shardings
@@ -359,63 +298,83 @@ def train_and_evaluate(
         f"kernels: {steps.model.kernels.name} (model.kernels={config.model.kernels}, "
         f"{kernels.mesh_platform(mesh)} mesh {dict(mesh.shape)})"
     )
-    manager = checkpoint.make_manager(
-        checkpoint.checkpoint_dir(workdir), config.train.keep_checkpoints
-    )
-    best_manager = None
-    if config.train.best_metric and inputs.eval is not None and mode != "eval":
-        best_manager = checkpoint.make_best_manager(
-            os.path.join(workdir, checkpoint.BEST_DIRNAME), config.train.best_metric
-        )
-    writer = MetricWriter(workdir)
-    train_iter = None
-    if inputs.train is not None:
-        train_iter = iter(
-            prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
-        )
-    target = checkpoint.abstract_with_shardings(abstract, shardings)
-    try:
-        restored = checkpoint.restore_latest_intact(manager, target, train_iter, report=_report)
-    except ConfigError as error:
-        raise _state_mismatch(error, previous_config, config) from None
-    if restored is not None:
-        state, latest = restored
-        writer.drop_after(latest)
-        _report(f"resumed from {workdir}/checkpoints step {latest}")
-    elif mode == "eval":
-        raise WorkdirError(f"--mode eval: workdir '{workdir}' has no checkpoint; train first")
+    directory = checkpoint.checkpoint_dir(workdir)
+    if mode == "eval":  # A reader: nothing under checkpoints/ is written or moved.
+        manager = checkpoint.open_reader(directory)
     else:
-        state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
-        if config.train.init_checkpoint:
-            state = _initialize_from(config, workdir, state, shardings)
-    if mode != "eval":  # An evaluation leaves the run's config.json as it is.
-        write_config(config, workdir)
-    results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
-    if inputs.eval is None and mode != "train" and jax.process_index() == 0:
-        print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
-
-    def run_eval(step: int) -> None:
-        if inputs.eval is None:
-            return
-        metrics = evaluate(
-            eval_fn, eval_params(state), iter(inputs.eval), config.train.eval_steps, mesh, step
-        )
-        writer.write("eval_metrics", metrics)
-        results["eval"] = metrics
-        if best_manager is not None and mode != "eval":
-            checkpoint.save_best(best_manager, step, state, metrics)
-        if jax.process_index() == 0:
-            shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
-            which = " (EMA params)" if state.ema_params is not None else ""
-            print(f"eval step {step}{which}: {shown}", file=sys.stderr)
-
-    bar = None
+        manager = checkpoint.make_manager(directory, config.train.keep_checkpoints)
+    best_manager, writer, bar = None, None, None
+    pending: BaseException | None = None
     try:
+        train_iter = None
+        if inputs.train is not None:
+            train_iter = iter(
+                prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
+            )
+        target = checkpoint.abstract_with_shardings(abstract, shardings)
+        try:
+            restored = checkpoint.restore_latest_intact(
+                manager, target, train_iter, report=_report, move_damaged=mode != "eval"
+            )
+        except checkpoint.StateMismatchError as error:
+            raise workdir_lib.state_mismatch(error, previous_config, config) from None
+        if restored is not None:
+            state, latest = restored
+            _report(f"resumed from {workdir}/checkpoints step {latest}")
+        else:
+            latest = 0
+            moved = workdir_lib.set_aside_previous_run(workdir)
+            if moved:
+                _report(f"new run from step 0: the earlier run's files moved to {moved}")
+            state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+            if config.train.init_checkpoint:
+                state = _initialize_from(config, workdir, state, shardings)
+        if config.train.best_metric and inputs.eval is not None and mode != "eval":
+            best_manager = checkpoint.make_best_manager(
+                os.path.join(workdir, checkpoint.BEST_DIRNAME), config.train.best_metric
+            )
+        # A reader appends; a run drops what an earlier attempt logged after its start step.
+        writer = MetricWriter(workdir, start_step=None if mode == "eval" else latest)
+        if mode != "eval":  # An evaluation leaves the run's config.json as it is.
+            workdir_lib.write_config(config, workdir)
+        results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}
+        if inputs.eval is None and mode != "train" and jax.process_index() == 0:
+            print(f"{inputs.source} has no eval data: evaluation is skipped", file=sys.stderr)
+
+        def run_eval(step: int) -> None:
+            if inputs.eval is None:
+                return
+            metrics = evaluate(
+                eval_fn, eval_params(state), iter(inputs.eval), config.train.eval_steps, mesh, step
+            )
+            if mode == "eval" and _logged_eval(writer, step) is not None:
+                _report(f"eval step {step} is already in eval_metrics.jsonl; printed, not logged")
+            else:
+                writer.write("eval_metrics", metrics)
+            results["eval"] = metrics
+            if best_manager is not None:
+                checkpoint.save_best(best_manager, step, state, metrics)
+            if jax.process_index() == 0:
+                shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
+                which = " (EMA params)" if state.ema_params is not None else ""
+                print(f"eval step {step}{which}: {shown}", file=sys.stderr)
+
         if mode == "eval":
             run_eval(int(state.step))
             return results
         start = int(state.step)
         last = config.train.num_steps
+        every = config.train.eval_every
+        if mode == "train_and_eval" and start and (start == last or (every and start % every == 0)):
+            # The step's eval was due; a stop signal or a kill after its save may have cut it.
+            logged = _logged_eval(writer, start)
+            if logged is None:
+                run_eval(start)
+            else:
+                results["eval"] = logged
+                if best_manager is not None and jax.process_count() == 1:
+                    # A kill between the eval's log line and its best-checkpoint offer.
+                    checkpoint.save_best(best_manager, start, state, logged)
         if start >= last and jax.process_index() == 0:
             print(
                 f"checkpoint step {start} >= train.num_steps {last}: nothing to train",
@@ -431,7 +390,6 @@ def train_and_evaluate(
             manager.latest_step,
             functools.partial(_privacy_metrics, config),
         )
-        every = config.train.eval_every
         with PreemptionWatcher(manager.reached_preemption) as watcher:
             for step in range(start + 1, last + 1):
                 batch = next(train_iter)
@@ -471,31 +429,47 @@ def train_and_evaluate(
                 f"{privacy.sampling_rate(config):.4g}, noise multiplier "
                 f"{config.privacy.noise_multiplier:g}, RDP accountant)"
             )
-        if start == last and mode == "train_and_eval":
-            run_eval(last)
         return results
+    except BaseException as error:
+        pending = error
+        raise
     finally:
         if bar is not None:
             bar.close()  # So an error message starts on its own line.
-        try:
-            for open_manager in (manager, best_manager):
-                if open_manager is not None:
-                    open_manager.wait_until_finished()
-                    open_manager.close()
-        except Exception as error:  # noqa: BLE001 (orbax / tensorstore raise many kinds)
-            reason = " ".join(str(error).split())
-            reason = "No space left on device" if "No space left" in reason else reason[:160]
-            checkpoint.remove_unfinished(checkpoint.checkpoint_dir(workdir))
-            failure = WorkdirError(
-                f"saving a checkpoint in '{checkpoint.checkpoint_dir(workdir)}' failed "
-                f"({reason}); free space or fix the disk, then run again to resume from step "
-                f"{manager.latest_step()}"
-            )
-            if sys.exc_info()[1] is None or isinstance(sys.exc_info()[1], type(error)):
-                raise failure from None
-            _report(f"error: {failure}")  # Another error is already on its way out.
-        finally:
+        _close(manager, best_manager, writer, pending)
+
+
+def _close(
+    manager: Any, best_manager: Any, writer: MetricWriter | None, pending: BaseException | None
+) -> None:
+    """Finishes the background saves and closes the writers.
+
+    A failed save raises its one-line WorkdirError, unless another error (`pending`) is
+    already on its way out: then the save's error is printed and the other one goes on.
+    """
+    try:
+        for open_manager in (manager, best_manager):
+            if open_manager is not None:
+                checkpoint.finish(open_manager)
+    except WorkdirError as failure:
+        if pending is None:
+            raise
+        if not isinstance(pending, WorkdirError):
+            _report(f"error: {failure}")
+    finally:
+        if writer is not None:
             writer.close()
+
+
+def _logged_eval(writer: MetricWriter, step: int) -> dict | None:
+    """The eval record of `step` if process 0 logged one (every process gets the same answer)."""
+    logged = writer.logged("eval_metrics", step) if jax.process_index() == 0 else None
+    if jax.process_count() == 1:
+        return logged
+    from jax.experimental import multihost_utils
+
+    found = multihost_utils.broadcast_one_to_all(np.int32(logged is not None))
+    return (logged or {"step": step}) if int(found) else None
 
 
 def eval_params(state: task.TaskState) -> Any:
@@ -558,7 +532,7 @@ def _report(message: str) -> None:
 
 def run() -> None:
     """The command line: parses flags and runs; user mistakes exit 2 with a one-line error."""
-    from absl import app, flags, logging
+    from absl import flags, logging
     from ml_collections import config_flags
 
     config_flag = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).")
@@ -571,19 +545,13 @@ def run() -> None:
         if not flags.FLAGS["verbosity"].present:
             # Orbax logs every save step at INFO; keep the console to the progress bar.
             logging.set_verbosity(logging.WARNING)
+            checkpoint.quiet_background_failures()  # A failed save is one `error:` line.
         kernels.skip_absent_tpu()
         distributed.initialize_from_environment()  # Multi-host: from the launcher's variables.
         kernels.tune_host(jax.devices()[0].platform)  # Only the CLI changes the process.
         train_and_evaluate(config_flag.value, workdir_flag.value, mode_flag.value)
 
-    try:
-        config_path = config_lib.config_file_from_argv(sys.argv)
-        if config_path:
-            config_lib.check_overrides(config_lib.load_config_file(config_path), sys.argv)
-        app.run(main)
-    except MlmError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    config_file_lib.run_with_config(main)
 
 
 if __name__ == "__main__":

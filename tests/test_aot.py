@@ -9,7 +9,7 @@ import jax
 import pytest
 
 from mlm import aot
-from mlm import config as config_lib
+from mlm import config_file as config_file_lib
 from mlm.errors import ConfigError
 
 GIB = 2**30
@@ -70,7 +70,7 @@ def test_out_of_memory_errors_are_read_and_others_are_not():
 
 
 def tiny_config(**mesh):
-    config = config_lib.load_config_file("configs/bert_tiny.py")
+    config = config_file_lib.load_config_file("configs/bert_tiny.py")
     config.train.global_batch_size = 64
     for axis, size in mesh.items():
         config.mesh[axis] = size

@@ -9,6 +9,7 @@ import pytest
 
 from mlm import bench
 from mlm import config as config_lib
+from mlm import config_file as config_file_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ_LENGTHS = (32, 64)
@@ -199,7 +200,7 @@ def test_state_memory_is_split_by_fsdp(tmp_path):
 
 
 def test_checkpoint_cost_times_async_and_blocking_saves(tmp_path):
-    config = config_lib.load_config_file(os.path.join(ROOT, "configs", "bert_tiny.py"))
+    config = config_file_lib.load_config_file(os.path.join(ROOT, "configs", "bert_tiny.py"))
     record = bench.bench_checkpoint_cost(config, str(tmp_path / "checkpoints"), repeats=1)
     assert record["state_bytes"] > 4_000_000 * 4 * 3  # bert_tiny params + two Adam moments.
     assert 0 < record["async_blocking_s"] <= record["async_total_s"]

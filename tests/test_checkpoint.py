@@ -12,7 +12,7 @@ import pytest
 
 from mlm import checkpoint, task
 from mlm import config as config_lib
-from mlm.errors import ConfigError
+from mlm.errors import ConfigError, DivergenceError
 from mlm.optim import create_optimizer
 
 MOUNTS = """\
@@ -60,10 +60,10 @@ class TaskStateBeforeEma:
     rng: jax.Array
 
 
-def tiny_state(ema_decay=0.0, dtype="float32"):
+def tiny_state(ema_decay=0.0, dtype="float32", hidden_size=8):
     config = config_lib.base_config()
     config.model.update(
-        vocab_size=40, hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16
+        vocab_size=40, hidden_size=hidden_size, num_layers=1, num_heads=2, intermediate_size=16
     )
     config.model.update(max_position_embeddings=16, dtype=dtype)
     config.data.update(seq_length=16, max_predictions_per_seq=2, use_next_sentence_label=False)
@@ -97,7 +97,7 @@ def test_a_checkpoint_written_before_ema_and_loss_scale_restores(tmp_path):
     assert_trees_equal((restored.params, restored.opt_state), (state.params, state.opt_state))
     # Turning EMA on for that run builds another state: refused with the one-line error.
     _, with_ema = tiny_state(ema_decay=0.9)
-    with pytest.raises(ConfigError, match="another structure"):
+    with pytest.raises(ConfigError, match="another shape or structure"):
         checkpoint.restore_latest_intact(manager, with_ema, report=print)
     manager.close()
 
@@ -111,3 +111,91 @@ def test_ema_params_and_loss_scale_are_saved_and_restored(tmp_path):
     restored = checkpoint.restore(manager, 3, abstract)
     assert_trees_equal(restored, state)
     manager.close()
+
+
+def files_of(directory):
+    """path -> bytes of every file under `directory`."""
+    found = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as file:
+                found[os.path.join(root, name)] = file.read()
+    return found
+
+
+def damage(step_dir):
+    """Overwrites the middle of every file of a step's state item."""
+    for root, _, names in os.walk(os.path.join(step_dir, checkpoint.STATE_ITEM)):
+        for name in names:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as file:
+                file.seek(size // 2)
+                file.write(b"\xff" * min(64, max(1, size - size // 2)))
+
+
+def test_a_reader_skips_a_damaged_step_and_leaves_it_in_place(tmp_path):
+    state, abstract = tiny_state()
+    directory = str(tmp_path / "checkpoints")
+    manager = checkpoint.make_manager(directory, keep=0)
+    for step in (1, 2):
+        checkpoint.save(manager, step, state.replace(step=jnp.asarray(step)), None)
+    checkpoint.finish(manager)
+    damage(os.path.join(directory, "2"))
+    before = files_of(directory)
+    reports = []
+    reader = checkpoint.open_reader(directory)
+    restored, step = checkpoint.restore_latest_intact(
+        reader, abstract, report=reports.append, move_damaged=False
+    )
+    reader.close()
+    assert step == 1 and int(restored.step) == 1
+    assert len(reports) == 1 and reports[0].startswith("checkpoint step 2 is incomplete or damaged")
+    assert reports[0].endswith("left in place, trying the previous step")
+    assert files_of(directory) == before  # Nothing moved, written or cleaned up.
+    # The run that owns the directory moves it aside instead, and resumes from the same step.
+    owner = checkpoint.make_manager(directory, keep=0)
+    _, step = checkpoint.restore_latest_intact(
+        owner, abstract, report=reports.append, move_damaged=True
+    )
+    owner.close()
+    assert step == 1 and os.path.isdir(os.path.join(directory, "damaged", "2"))
+
+
+def test_a_step_of_other_shapes_is_a_mismatch_not_damage(tmp_path):
+    state, _ = tiny_state()
+    directory = str(tmp_path / "checkpoints")
+    manager = checkpoint.make_manager(directory, keep=0)
+    checkpoint.save(manager, 5, state, None)
+    checkpoint.finish(manager)
+    _, wider = tiny_state(hidden_size=64)
+    before = files_of(directory)
+    manager = checkpoint.make_manager(directory, keep=0)
+    with pytest.raises(
+        checkpoint.StateMismatchError,
+        match=r"checkpoint step 5 holds a train state of another shape or structure than this "
+        r"config builds \(params/\S+ is \([\d, ]+\) in the checkpoint, \([\d, ]+\) here\)",
+    ) as caught:
+        checkpoint.restore_latest_intact(manager, wider, report=print)
+    manager.close()
+    assert caught.value.step == 5
+    assert files_of(directory) == before  # Not moved to damaged/.
+
+
+def test_non_finite_parameters_are_never_saved(tmp_path):
+    state, _ = tiny_state()
+    directory = str(tmp_path / "checkpoints")
+    manager = checkpoint.make_manager(directory, keep=0)
+    checkpoint.save(manager, 1, state, None)
+    broken = state.replace(
+        params=jax.tree.map(lambda p: p.at[(0,) * p.ndim].set(jnp.nan), state.params)
+    )
+    with pytest.raises(
+        DivergenceError,
+        match=r"^training diverged: the parameters at step 2 are not finite, so step 2 was not "
+        r"saved; .* resume from step 1$",
+    ):
+        checkpoint.save(manager, 2, broken, None)
+    checkpoint.finish(manager)
+    assert manager.all_steps() == [1]
+    assert checkpoint.all_finite(state) and not checkpoint.all_finite(broken)

@@ -3,6 +3,10 @@ parity against transformers (PyTorch, CPU) as the independent implementation."""
 
 import json
 import os
+import re
+import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -404,3 +408,141 @@ def test_bfloat16_weights_are_read_as_float32(tmp_path):
     embeddings = np.asarray(params["encoder"]["word_embeddings"]["embedding"])
     expected = model.bert.embeddings.word_embeddings.weight.float().detach().numpy()
     assert embeddings.dtype == np.float32 and np.array_equal(embeddings, expected)
+
+
+DELETE = object()
+BAD_HF_CONFIGS = {
+    "not_json": ('{"hidden_size": 32', r"config\.json' cannot be read as JSON \(Expecting"),
+    "a_list": ("[1, 2]", r"config\.json' is not a JSON object; give the file written with"),
+    "missing_key": (
+        {"num_attention_heads": DELETE},
+        r"config\.json: missing num_attention_heads; is it a BERT config\? Give the config",
+    ),
+    "null_size": ({"hidden_size": None}, r"hidden_size is None; it must be a whole number of at"),
+    "text_size": ({"intermediate_size": "64"}, r"intermediate_size is '64'; it must be a whole"),
+    "fractional": ({"num_hidden_layers": 2.5}, r"num_hidden_layers is 2\.5; it must be a whole"),
+    "zero": ({"num_attention_heads": 0}, r"num_attention_heads is 0; it must be a whole number"),
+    "negative": ({"vocab_size": -67}, r"vocab_size is -67; it must be a whole number of at least"),
+    "boolean": ({"type_vocab_size": True}, r"type_vocab_size is True; it must be a whole number"),
+    "heads_not_dividing": (
+        {"num_attention_heads": 5},
+        r"hidden_size 32 is not divisible by num_attention_heads 5; set the values the weights",
+    ),
+    "dropout": ({"hidden_dropout_prob": 1.5}, r"hidden_dropout_prob is 1\.5; it must be a number"),
+    "null_dropout": ({"attention_probs_dropout_prob": None}, r"attention_probs_dropout_prob is N"),
+    "activation": (
+        {"hidden_act": "relu"},
+        r"hidden_act 'relu' is not computed by mlm; only models with hidden_act gelu, gelu_fast, "
+        r"gelu_new, gelu_pytorch_tanh convert",
+    ),
+    "null_activation": ({"hidden_act": None}, r"hidden_act None is not computed by mlm"),
+    "null_epsilon": ({"layer_norm_eps": None}, r"layer_norm_eps is None, not a number"),
+    "another_size": (
+        {"intermediate_size": 48},
+        r"tensor 'bert\.encoder\.layer\.0\.intermediate\.dense\.weight' has shape \(64, 32\) but "
+        r"the config gives \(48, 32\) \(intermediate_size, hidden_size\); the weights and the "
+        r"config belong to different models",
+    ),
+    "short_positions": (
+        {"max_position_embeddings": 4},
+        r"'bert\.embeddings\.position_embeddings\.weight' has shape \(64, 32\) but the config "
+        r"gives \(4, 32\)",
+    ),
+    "vocab_size_below_the_vocab": (
+        {"vocab_size": len(TOKENS) - 1},
+        rf"the vocab has {len(TOKENS)} tokens, more than vocab_size {len(TOKENS) - 1} in the "
+        "config",
+    ),
+}
+
+
+def copy_hf_dir(hf_dir, tmp_path):
+    return shutil.copytree(hf_dir, tmp_path / "hf")
+
+
+def convert_cli_error(argv, capsys):
+    """Runs `mlm.convert` main; returns its one `error:` line (asserting exit status 2)."""
+    assert convert.main(argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", list(BAD_HF_CONFIGS))
+def test_bad_hf_config_is_one_line_error_before_any_output(masked_lm, tmp_path, capsys, case):
+    content, message = BAD_HF_CONFIGS[case]
+    hf_dir = copy_hf_dir(masked_lm[1], tmp_path)
+    config_path = hf_dir / "config.json"
+    if isinstance(content, str):
+        config_path.write_text(content)
+    else:
+        config = json.loads(config_path.read_text())
+        for key, value in content.items():
+            if value is DELETE:
+                del config[key]
+            else:
+                config[key] = value
+        config_path.write_text(json.dumps(config))
+    argv = ["--from", "hf", "--input", str(hf_dir), "--output", str(tmp_path / "out" / "mlm")]
+    line = convert_cli_error(argv, capsys)
+    assert re.search(message, line), line
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # No output, no staging directory.
+
+
+def test_tensors_of_another_shape_and_bad_tokenizer_files_are_one_line_errors(
+    masked_lm, tmp_path, capsys
+):
+    from safetensors.numpy import load_file, save_file
+
+    hf_dir = copy_hf_dir(masked_lm[1], tmp_path)
+    argv = ["--from", "hf", "--input", str(hf_dir), "--output", str(tmp_path / "out")]
+    weights = str(hf_dir / "model.safetensors")
+    tensors = load_file(weights)
+    query = "bert.encoder.layer.1.attention.self.query.weight"
+    save_file(dict(tensors, **{query: np.zeros((30, 32), np.float32)}), weights)
+    assert convert_cli_error(argv, capsys) == (
+        f"error: {hf_dir}: tensor '{query}' has shape (30, 32) but the config gives (32, 32) "
+        "(hidden_size, hidden_size); the weights and the config belong to different models: "
+        "give the config the weights were saved with"
+    )
+    save_file(tensors, weights)
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": "yes"}))
+    assert "do_lower_case is 'yes', not true or false" in convert_cli_error(argv, capsys)
+    (hf_dir / "vocab.txt").write_bytes(("\n".join(TOKENS) + "\nnaïve\n").encode("latin-1"))
+    assert convert_cli_error(argv, capsys) == (
+        f"error: {hf_dir}/vocab.txt:{len(TOKENS) + 1}: not valid UTF-8 (invalid continuation "
+        "byte at byte 2 of the line); re-encode the file as UTF-8 or give a BERT vocab.txt"
+    )
+    (hf_dir / "vocab.txt").write_text("\n".join(TOKENS[1:]) + "\n")
+    assert convert_cli_error(argv, capsys).endswith(
+        "vocab.txt: the special token [PAD] is missing; a BERT vocab.txt needs all of [PAD] "
+        "[UNK] [CLS] [SEP] [MASK]"
+    )
+    (hf_dir / "vocab.txt").unlink()
+    (hf_dir / "model.safetensors").unlink()
+    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["x"]}))
+    assert "weight_map is not an object of tensor name -> file name" in convert_cli_error(
+        argv, capsys
+    )
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_convert_command_line_prints_one_line_for_a_config_that_is_not_json(masked_lm, tmp_path):
+    hf_dir = copy_hf_dir(masked_lm[1], tmp_path)
+    (hf_dir / "config.json").write_text("not json")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-m", "mlm.convert", "--from", "hf", "--input", "hf", "--output", "out"],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=root),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        "error: 'hf/config.json' cannot be read as JSON (Expecting value: line 1 column 1 "
+        "(char 0)); give the file written with the model (save_pretrained writes it)"
+    ]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from mlm import config as config_lib
+from mlm import config_file as config_file_lib
 from mlm.errors import ConfigError, DataError, DivergenceError, WorkdirError
 from mlm.train import train_and_evaluate
 
@@ -337,7 +338,93 @@ def test_wrong_type_names_the_field_and_both_types(text_copy, tmp_path):
         "    return config\n"
     )
     with one_line_error(ConfigError, r"^config file '.*bad_config\.py': .*'num_steps'.*str"):
-        config_lib.load_config_file(str(path))
+        config_file_lib.load_config_file(str(path))
+
+
+ARG_CONFIG = """from mlm import config as config_lib
+
+
+def get_config(num_steps):
+    config = config_lib.base_config()
+    config.train.num_steps = int(num_steps)
+    return config
+"""
+
+
+@pytest.mark.parametrize(
+    "files,args,line",
+    [
+        (
+            {"bad.py": "def get_config(:\n    pass\n"},
+            ["--config", "bad.py"],
+            "error: config file 'bad.py': line 1: SyntaxError: invalid syntax; fix the file",
+        ),
+        (
+            {"bad.py": "def get_config():\n    return 1 / 0\n"},
+            ["--config", "bad.py"],
+            "error: config file 'bad.py': line 2: ZeroDivisionError: division by zero; fix the "
+            "file",
+        ),
+        (
+            {"bad.py": "import mlm_no_such_module\n"},
+            ["--config", "bad.py"],
+            "error: config file 'bad.py': line 1: ModuleNotFoundError: No module named "
+            "'mlm_no_such_module'; install the module or fix the import",
+        ),
+        (
+            {},
+            ["--config", "."],
+            "error: config file '.' is a directory; pass a file in it, e.g. configs/quickstart.py",
+        ),
+        (
+            {},
+            ["--config", CONFIG_FILE + ":9"],
+            f"error: config file '{CONFIG_FILE}': get_config() takes no argument but "
+            f"'{CONFIG_FILE}:9' passes it '9'; drop ':9' or give get_config a parameter",
+        ),
+        (
+            {},
+            ["--config", CONFIG_FILE, "--config.optimizer.learning_rate=inf"],
+            "error: config field 'optimizer.learning_rate' must be a finite number, got inf; fix "
+            "the value in the config file or the override",
+        ),
+        (
+            {},
+            ["--config", CONFIG_FILE, "--config.train.num_steps=3000000000"],
+            "error: config field 'train.num_steps' must be at most 2147483647 (steps, sizes and "
+            "ids are int32), got 3000000000; fix the value in the config file or the override",
+        ),
+        (
+            # Refused by validation after absl has read the file and overrides.
+            {},
+            ["--config", CONFIG_FILE, "--config.train.best_metric=next_sentence_accuracy"],
+            "error: train.best_metric 'next_sentence_accuracy' needs "
+            "data.use_next_sentence_label=True (without it eval has no next-sentence metrics); "
+            "pick masked_lm_accuracy, lm_example_loss or validation_loss, or set "
+            "data.use_next_sentence_label=True",
+        ),
+        (
+            # FILE:ARG reaches get_config through absl too: the run got num_steps=7 from it.
+            {"steps.py": ARG_CONFIG},
+            ["--config", "steps.py:7"],
+            "error: optimizer.warmup_steps (10000) must be between 0 and train.num_steps (7); "
+            "lower it when shortening a run",
+        ),
+    ],
+)
+def test_cli_bad_config_exits_2_with_one_line_before_any_file_is_written(
+    tmp_path, files, args, line
+):
+    write_config_file(tmp_path / CONFIG_FILE, tiny_config())
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    listing = lambda: sorted(set(os.listdir(tmp_path)) - {"__pycache__"})  # noqa: E731
+    before = listing()
+    result = run_cli(*args, "--workdir", WORKDIR, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error_lines(result) == [line], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert listing() == before  # No workdir, no vocab, no corpus.
 
 
 def test_cli_wrong_type_override_exits_2_with_one_error_line(text_copy):
@@ -720,3 +807,193 @@ def test_cli_divergence_prints_one_error_line(text_copy):
     assert snapshot() == before
     assert len(error_lines(result)) == 1, result.stderr[-2000:]
     assert error_lines(result)[0].startswith("error: training diverged")
+
+
+# ------------------------------------------------------------------------- workdir and readers
+
+
+def lock_holder(path):
+    """The holder line of a workdir lock file, once a run has taken the lock, else ''."""
+    try:
+        with open(path) as file:
+            return file.read()
+    except OSError:
+        return ""
+
+
+def test_two_runs_in_one_workdir_the_second_stops_at_once(text_copy):
+    before = snapshot()
+    first = subprocess.Popen(
+        [sys.executable, "-m", "mlm.train", "--config", CONFIG_FILE, "--workdir", WORKDIR]
+        + ["--config.train.num_steps=100000", "--config.train.checkpoint_every=100000"],
+        cwd=text_copy,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        while f"pid {first.pid} " not in lock_holder(os.path.join(WORKDIR, "lock")):
+            assert first.poll() is None, first.communicate()[1][-2000:]
+        second = run_cli("--config", CONFIG_FILE, "--workdir", WORKDIR, cwd=text_copy)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert error_lines(second) == [
+            f"error: workdir '{WORKDIR}' is in use by another run (host {os.uname().nodename} "
+            f"pid {first.pid} since " + error_lines(second)[0].split(" since ")[1]
+        ]
+        assert error_lines(second)[0].endswith(
+            "); wait for it to finish or stop it, or pass another --workdir"
+        )
+        assert "Traceback" not in second.stderr
+    finally:
+        first.kill()  # kill -9: the kernel releases the lock.
+        first.communicate()
+    assert snapshot() == before
+    third = run_cli("--config", CONFIG_FILE, "--workdir", WORKDIR, cwd=text_copy)
+    assert third.returncode == 0, third.stderr[-2000:]
+    assert "resumed from workdir/checkpoints step 6" in third.stderr
+
+
+def test_config_json_gone_and_another_model_size_is_a_mismatch_not_damage(text_copy):
+    os.remove(os.path.join(WORKDIR, "config.json"))
+    config = text_config()
+    config.model.hidden_size = 64
+    fails_leaving_checkpoints(
+        WorkdirError,
+        r"^workdir 'workdir' holds a run with model\.hidden_size=32 "
+        r"\(workdir/checkpoints/6/config\), this config has 64; use a new --workdir or the same "
+        r"config$",
+        config,
+    )
+    assert not os.path.exists(os.path.join(WORKDIR, "checkpoints", "damaged"))
+    # The right config still resumes from the last step, not from 0.
+    train_and_evaluate(text_config(), WORKDIR)
+    with open(os.path.join(WORKDIR, "metrics.jsonl")) as file:
+        assert [json.loads(line)["step"] for line in file] == [3, 6, 9]
+
+
+def test_a_mismatch_with_no_saved_config_at_all_is_still_not_damage(text_copy):
+    os.remove(os.path.join(WORKDIR, "config.json"))
+    for step in ("3", "6"):
+        shutil.rmtree(os.path.join(WORKDIR, "checkpoints", step, "config"))
+    config = text_config()
+    config.model.hidden_size = 64
+    fails_leaving_checkpoints(
+        ConfigError,
+        r"^checkpoint step 6 holds a train state of another shape or structure than this config "
+        r"builds \(params/\S+ is \([\d, ]*32[\d, ]*\) in the checkpoint, \([\d, ]*64[\d, ]*\) "
+        r"here\); resume with the config the run was started with",
+        config,
+    )
+    assert not os.path.exists(os.path.join(WORKDIR, "checkpoints", "damaged"))
+
+
+def damage_step(step):
+    for root, _, names in os.walk(os.path.join(WORKDIR, "checkpoints", str(step), "state")):
+        for name in names:
+            path = os.path.join(root, name)
+            size = os.path.getsize(path)
+            with open(path, "r+b") as file:
+                file.seek(size // 2)
+                file.write(b"\xff" * min(64, max(1, size - size // 2)))
+
+
+def run_module(module, *args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_readers_use_the_latest_intact_step_and_leave_the_damaged_one(text_copy):
+    damage_step(6)
+    before = snapshot()
+    result = run_module(
+        "mlm.fill_mask", "--workdir", WORKDIR, "--text", "river [MASK]", cwd=text_copy
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "checkpoint step 6 is incomplete or damaged" in result.stderr
+    assert "left in place, trying the previous step" in result.stderr
+    assert "checkpoint step 3" in result.stdout
+    result = run_module(
+        "mlm.convert", "--to", "hf", "--input", WORKDIR, "--output", "hf_out", cwd=text_copy
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert os.path.exists(os.path.join("hf_out", "model.safetensors"))
+    config = tiny_config(**TEXT_DATA)
+    config.train.update(init_checkpoint=WORKDIR, num_steps=2)
+    train_and_evaluate(config, "started")
+    with open(os.path.join("started", "init_report.txt")) as file:
+        assert "step 3" in file.read()
+    assert snapshot() == before  # Nothing moved, cleaned up or rewritten by a reader.
+
+
+def test_mode_eval_on_a_new_workdir_stops_before_any_file(text_copy):
+    result = run_cli("--config", CONFIG_FILE, "--workdir", "new", "--mode", "eval", cwd=text_copy)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error_lines(result) == [
+        "error: --mode eval: workdir 'new' has no checkpoint; train first, or pass the workdir "
+        "of a trained run"
+    ]
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists("new")
+
+
+def test_mode_eval_without_eval_data_is_refused(text_copy):
+    before = snapshot()
+    result = run_cli("--config", CONFIG_FILE, "--workdir", WORKDIR, "--mode", "eval", cwd=text_copy)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error_lines(result) == [
+        "error: --mode eval: data.train_files has no eval data; set the eval data of the source "
+        "(data.eval_files, data.tfds_eval_split or data.eval_tfrecord_files)"
+    ]
+    assert snapshot() == before
+
+
+def test_a_new_run_in_a_workdir_whose_checkpoints_are_gone_starts_afresh(text_copy):
+    shutil.rmtree(os.path.join(WORKDIR, "checkpoints"))
+    old_best = os.path.join(WORKDIR, "checkpoints_best", "6")
+    os.makedirs(old_best)
+    with open(os.path.join(old_best, "kept"), "w") as file:
+        file.write("the earlier run's best step")
+    config = text_config()
+    config.model.hidden_size = 64  # Another model: no checkpoint holds the old one any more.
+    train_and_evaluate(config, WORKDIR)
+    with open(os.path.join(WORKDIR, "metrics.jsonl")) as file:
+        assert [json.loads(line)["step"] for line in file] == [3, 6, 9]  # Each step once.
+    moved = os.path.join(WORKDIR, "previous_runs", "1", "checkpoints_best", "6", "kept")
+    with open(moved) as file:
+        assert file.read() == "the earlier run's best step"
+    assert not os.path.exists(os.path.join(WORKDIR, "checkpoints_best"))
+
+
+def test_cli_save_failing_mid_run_prints_one_line_and_keeps_the_saved_steps(text_copy, tmp_path):
+    with tmpfs(tmp_path / "full", disk_usage_kb(text_copy) + 1536) as mount:
+        shutil.copytree(text_copy, mount / "run", dirs_exist_ok=True)
+        fill_up(mount, leave_kb=700)  # Room for a step or so (~360 KiB each), not for four.
+        before = snapshot(mount / "run" / WORKDIR)
+        result = run_cli(
+            "--config",
+            CONFIG_FILE,
+            "--workdir",
+            WORKDIR,
+            "--config.train.num_steps=18",
+            cwd=mount / "run",
+        )
+        assert result.returncode == 2, result.stderr[-2000:]
+        lines = error_lines(result)
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        assert re.fullmatch(
+            r"error: saving a checkpoint in '\S+/checkpoints' failed \(No space left on device\); "
+            r"free space or fix the disk, then run the same command again to resume from step "
+            r"\d+",
+            lines[0],
+        ), lines[0]
+        after = snapshot(mount / "run" / WORKDIR)
+        assert {path: after.get(path) for path in before} == before
+        names = os.listdir(mount / "run" / WORKDIR / "checkpoints")
+        assert not [name for name in names if "tmp" in name], names

@@ -143,6 +143,7 @@ def test_sigterm_saves_the_step_in_flight_and_the_run_resumes_exactly(
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {workdir}/checkpoints step {stopped}" in again.stderr
     assert losses(workdir) == losses(uninterrupted)  # Bit for bit, every step.
+    assert evals(workdir) == evals(uninterrupted)
 
 
 def test_kill_9_at_random_moments_changes_nothing(corpus, uninterrupted, tmp_path):
@@ -164,6 +165,7 @@ def test_kill_9_at_random_moments_changes_nothing(corpus, uninterrupted, tmp_pat
     print(f"kill -9 test: {kills} kills")
     assert kills >= 3
     assert losses(workdir) == losses(uninterrupted)
+    assert evals(workdir) == evals(uninterrupted)  # Kills in an eval or after a save too.
     for a, b in zip(final_params(workdir), final_params(uninterrupted), strict=True):
         np.testing.assert_array_equal(a, b)  # Bit for bit.
 
@@ -218,3 +220,41 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_saved_step(corpu
     line = [line for line in output.splitlines() if "SIGTERM: saved a checkpoint" in line][-1]
     stopped = line.split("at step ")[1].split()[0]
     assert os.listdir(workdir / "checkpoints") == [stopped]  # One step, saved by both.
+
+
+def evals(workdir):
+    with open(os.path.join(workdir, "eval_metrics.jsonl")) as file:
+        return [json.loads(line) for line in file]
+
+
+def test_sigterm_on_an_eval_step_keeps_that_eval(corpus, tmp_path):
+    # Every step evaluates, so the signal lands on an eval step: the step is saved without its
+    # eval, and the resumed run evaluates it first.
+    def every_step_evaluates(workdir):
+        return command(corpus, workdir, 14, 100) + [
+            "--config.train.eval_every=1",
+            "--config.train.eval_steps=1",
+        ]
+
+    full = tmp_path / "full"
+    result = subprocess.run(
+        every_step_evaluates(full), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    workdir = tmp_path / "run"
+    process = start(every_step_evaluates(workdir))
+    while logged_steps(workdir) < 4:
+        assert process.poll() is None, process.communicate()[1][-2000:]
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr[-2000:]
+    stopped = int(stderr.split("saved a checkpoint at step ")[1].split()[0])
+    assert stopped < 14 and stopped not in [record["step"] for record in evals(workdir)]
+    again = subprocess.run(
+        every_step_evaluates(workdir), cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"eval step {stopped}:" in again.stderr
+    assert evals(workdir) == evals(full)  # The same steps, each once, with the same values.
+    assert losses(workdir) == losses(full)

@@ -201,3 +201,41 @@ def test_vocab_file_errors(tmp_path):
     blank.write_text("[PAD]\n[UNK]\n\n[CLS]\n[SEP]\n[MASK]\n")
     with pytest.raises(DataError, match="blank.txt:3: empty token"):
         tokenizer.load_vocab(str(blank), lowercase=True)
+
+
+def test_vocab_file_that_is_not_a_vocab_is_named_with_its_line(tmp_path):
+    good = "[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nthe\n"
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes(good.encode() + "café\n".encode("latin-1"))
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(b"\x00\x01\x02\n\x89PNG\r\n")
+    nul = tmp_path / "nul.txt"
+    nul.write_bytes(good.encode() + b"ab\x00cd\n")
+    counts = tmp_path / "counts.txt"
+    counts.write_text(good + "dog 12\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    cases = [
+        (latin, r"latin.txt:7: not valid UTF-8 \(invalid continuation byte at byte 3 of the "
+         r"line\); re-encode the file as UTF-8"),
+        (binary, r"model.bin:2: not valid UTF-8 \(invalid start byte at byte 0 of the line\)"),
+        (nul, r"nul.txt:7: a NUL byte; this is a binary file, not a BERT vocab.txt"),
+        (counts, r"counts.txt:7: token 'dog 12' holds whitespace"),
+        (empty, r"vocab file '.*empty.txt' is empty; give a BERT vocab.txt"),
+    ]  # fmt: skip
+    for path, message in cases:
+        with pytest.raises(DataError, match=message) as caught:
+            tokenizer.load_vocab(str(path), lowercase=True)
+        assert "\n" not in str(caught.value)
+    specials = tmp_path / "specials.txt"
+    specials.write_text("[PAD]\n[UNK]\n[SEP]\nthe\n")
+    with pytest.raises(DataError, match=r"special tokens \[CLS\] \[MASK\] are missing"):
+        tokenizer.load_vocab(str(specials), lowercase=True)
+
+
+def test_vocab_with_a_byte_order_mark_and_crlf_loads(tmp_path):
+    path = tmp_path / "windows.txt"
+    path.write_bytes(b"\xef\xbb\xbf[PAD]\r\n[UNK]\r\n[CLS]\r\n[SEP]\r\n[MASK]\r\nthe\r\n")
+    vocab = tokenizer.load_vocab(str(path), lowercase=True)
+    assert vocab.tokens == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the"]
+    assert vocab.pad_id == 0

@@ -15,7 +15,8 @@ from mlm import config as config_lib
 from mlm import fill_mask
 from mlm.errors import DataError, WorkdirError
 from mlm.kernels import cpu_host_memory
-from mlm.train import prepare_workdir, train_and_evaluate
+from mlm.train import train_and_evaluate
+from mlm.workdir import check_consistent
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_STEPS = 40
@@ -473,8 +474,8 @@ def test_a_run_may_resume_with_another_kernel_set_but_not_another_model(tmp_path
     (tmp_path / "config.json").write_text(config_lib.to_json(config))
     other = config_lib.sized_config("tiny")
     other.model.kernels = "standard"
-    assert prepare_workdir(config_lib.validate(other), str(tmp_path))["model"]["kernels"] == "auto"
+    assert check_consistent(config_lib.validate(other), str(tmp_path))["model"]["kernels"] == "auto"
     bigger = config_lib.sized_config("tiny")
     bigger.model.hidden_size = 256
     with pytest.raises(WorkdirError, match="model.hidden_size=128, this config has 256"):
-        prepare_workdir(config_lib.validate(bigger), str(tmp_path))
+        check_consistent(config_lib.validate(bigger), str(tmp_path))

@@ -12,8 +12,10 @@ pairing, packing and masking on the fly); records are batched as they are.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
+import json
 import os
 from collections.abc import Callable
 
@@ -25,10 +27,22 @@ from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
 from mlm.data.corpus import expand_globs, read_documents, write_text_atomically
 from mlm.data.pipeline import build_dataset, build_row_dataset
-from mlm.data.tokenizer import Vocab, encode_documents, load_vocab, train_wordpiece
+from mlm.data.tokenizer import (
+    Vocab,
+    encode_documents,
+    load_vocab,
+    read_vocab_text,
+    train_wordpiece,
+    vocab_from_tokens,
+    vocab_tokens,
+)
 from mlm.errors import ConfigError, DataError
 
 VOCAB_FILENAME = "vocab.txt"
+# What WORKDIR/vocab.txt was trained with, so that a rerun knows whether it may reuse it.
+VOCAB_SETTINGS_FILENAME = "vocab_settings.json"
+# The data fields a trained vocab depends on (with data.lowercase and model.vocab_size).
+_VOCAB_DATA_FIELDS = ("train_files", "tfds_name", "tfds_split", "tfds_data_dir", "text_field")
 # TFDS documents a vocab is trained on when no data.vocab_file is given.
 VOCAB_SAMPLE_DOCUMENTS = 100_000
 
@@ -78,51 +92,126 @@ def corpus_files(data: ml_collections.ConfigDict, workdir: str) -> tuple[list[st
 def workdir_vocab(
     config: ml_collections.ConfigDict,
     workdir: str,
-    train_files: list[str],
+    train_files: Callable[[], list[str]],
     *,
     copy_from: str = "",
 ) -> Vocab:
-    """Loads WORKDIR/vocab.txt, creating it first by copying a vocab or by training WordPiece.
+    """Returns the run's vocab, WORKDIR/vocab.txt, writing it first when it is not this command's.
 
-    An existing WORKDIR/vocab.txt always wins, so a resumed run tokenizes exactly as before.
+    Which vocab a workdir holds:
+    - With a finished checkpoint, WORKDIR/vocab.txt is the vocab the checkpoints were trained
+      with and is kept: a given vocab must hold the same tokens (else DataError naming both
+      files), and without one the workdir's is used as it is.
+    - Without one (a new run, or one that stopped before its first checkpoint), the vocab of
+      this command wins. A given vocab is checked first (UTF-8, the special tokens, no
+      duplicates, at most `model.vocab_size` tokens) and only then copied in, atomically,
+      replacing any other; a rejected vocab is never written. Without one, a WordPiece vocab is
+      trained, unless WORKDIR/vocab.txt was trained with the same settings (train data,
+      `model.vocab_size`, `data.lowercase`; recorded in WORKDIR/vocab_settings.json), which a
+      rerun then reuses as it is. A vocab copied in, or one from before that record existed,
+      is trained again.
 
     Args:
       config: the full config (`data` and `model.vocab_size` are read).
       workdir: the run directory.
-      train_files: text to train a vocab on when there is none to copy.
+      train_files: gives the text to train a vocab on; called only when one is trained.
       copy_from: a vocab to copy (the prepared data's); else `data.vocab_file`, if set.
 
     Returns:
       The vocab.
 
     Raises:
-      DataError: the vocab file is missing or has more tokens than `model.vocab_size`.
+      DataError: the given vocab is missing, not a BERT vocab.txt, has more tokens than
+        `model.vocab_size`, or differs from the vocab of the workdir's checkpoints.
     """
+    from mlm.checkpoint import has_checkpoint  # Here: importing mlm.checkpoint loads orbax.
+
     path = os.path.join(workdir, VOCAB_FILENAME)
+    settings_path = os.path.join(workdir, VOCAB_SETTINGS_FILENAME)
+    exists, trained = os.path.exists(path), has_checkpoint(workdir)
     source = copy_from or config.data.vocab_file
-    created = not os.path.exists(path)
-    if created:
-        if source:
-            if not os.path.isfile(source):
+    if source:
+        field = "data.vocab_file" if source == config.data.vocab_file else "data.prepared_dir"
+        given, text = _given_vocab(config, source, field)
+        if exists and trained:
+            current = load_vocab(path, config.data.lowercase)  # Its errors name the file.
+            if current.tokens != given.tokens:
                 raise DataError(
-                    f"vocab file '{source}' does not exist; give a BERT vocab.txt in "
-                    "data.vocab_file (or leave it empty to train one)"
+                    f"{field}: the vocab '{source}' differs from '{path}', the vocab the "
+                    "workdir's checkpoints were trained with; give that vocab (the same tokens) "
+                    "or use a new --workdir"
                 )
-            with open(source, encoding="utf-8") as file:
-                write_text_atomically(path, file.read())
-        else:
-            train_wordpiece(train_files, config.model.vocab_size, config.data.lowercase, path)
+            return current
+        if not exists or _tokens_or_none(path) != given.tokens:
+            _remove(settings_path)  # The settings describe a trained vocab.
+            write_text_atomically(path, text)
+        return given
+    settings = _vocab_settings(config)
+    if not exists or not (trained or _read_json(settings_path) == settings):
+        _remove(settings_path)
+        train_wordpiece(train_files(), config.model.vocab_size, config.data.lowercase, path)
+        write_text_atomically(settings_path, json.dumps(settings, indent=2, sort_keys=True) + "\n")
     vocab = load_vocab(path, config.data.lowercase)
     if vocab.size > config.model.vocab_size:
-        if created:
-            os.remove(path)  # So a smaller vocab can be given next time.
-        named = "data.vocab_file" if source == config.data.vocab_file and source else "vocab"
         raise DataError(
-            f"{named} '{source or path}' has {vocab.size} tokens but model.vocab_size is "
+            f"'{path}' has {vocab.size} tokens but model.vocab_size is "
+            f"{config.model.vocab_size}; set --config.model.vocab_size={vocab.size} (the run's "
+            "value) or use a new --workdir"
+        )
+    return vocab
+
+
+def _given_vocab(config: ml_collections.ConfigDict, source: str, field: str) -> tuple[Vocab, str]:
+    """Loads and checks a vocab to copy into the workdir: (the vocab, its text).
+
+    Raises:
+      DataError: naming `field` and the file: missing, not a BERT vocab.txt, or larger than
+        `model.vocab_size`.
+    """
+    if not os.path.isfile(source):
+        raise DataError(
+            f"vocab file '{source}' does not exist; give a BERT vocab.txt in "
+            "data.vocab_file (or leave it empty to train one)"
+        )
+    text = read_vocab_text(source)
+    vocab = vocab_from_tokens(vocab_tokens(text, source), config.data.lowercase)
+    if vocab.size > config.model.vocab_size:
+        raise DataError(
+            f"{field} '{source}' has {vocab.size} tokens but model.vocab_size is "
             f"{config.model.vocab_size}; set --config.model.vocab_size={vocab.size} or use a "
             "smaller vocab"
         )
-    return vocab
+    return vocab, text
+
+
+def _vocab_settings(config: ml_collections.ConfigDict) -> dict:
+    """What a trained vocab depends on (besides the content of the files)."""
+    data = config.data
+    settings = {f"data.{name}": data[name] for name in _VOCAB_DATA_FIELDS}
+    settings.update({"data.lowercase": data.lowercase, "model.vocab_size": config.model.vocab_size})
+    return json.loads(json.dumps(settings))  # As read back from the file.
+
+
+def _tokens_or_none(path: str) -> list[str] | None:
+    """The tokens of a vocab file, or None when it cannot be read as one."""
+    try:
+        return vocab_tokens(read_vocab_text(path), path)
+    except DataError:
+        return None
+
+
+def _read_json(path: str) -> object:
+    """The content of a JSON file, or None when it is missing or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
 
 
 def data_source(data: ml_collections.ConfigDict) -> str:
@@ -270,7 +359,7 @@ def input_shards(
 # Each returns (vocab, train documents or None, eval documents or None).
 def _text_documents(config, workdir, need_train, need_eval):
     train_files, eval_files = corpus_files(config.data, workdir)
-    vocab = workdir_vocab(config, workdir, train_files)
+    vocab = workdir_vocab(config, workdir, lambda: train_files)
 
     def encoded(files):
         return grain.MapDataset.source(encode_documents(vocab, read_documents(files)))
@@ -295,7 +384,7 @@ def _prepared_documents(config, workdir, need_train, need_eval):
             f"data.lowercase is {config.data.lowercase}; set --config.data.lowercase="
             f"{corpus.lowercase}"
         )
-    vocab = workdir_vocab(config, workdir, [], copy_from=corpus.vocab_path)
+    vocab = workdir_vocab(config, workdir, list, copy_from=corpus.vocab_path)
     size = config.model.vocab_size
     train = prepared_documents(corpus, "train", size) if need_train else None
     evaluation = None
@@ -319,8 +408,8 @@ def _tfds_documents(config, workdir, need_train, need_eval):
 
     data = config.data
     where = dict(data_dir=data.tfds_data_dir or None, text_field=data.text_field)
-    sample = []
-    if not data.vocab_file and not os.path.exists(os.path.join(workdir, VOCAB_FILENAME)):
+
+    def sample() -> list[str]:  # The documents a vocab is trained on, when one is.
         sample_path = os.path.join(workdir, "vocab_sample.txt")
         write_vocab_sample(
             data.tfds_name,
@@ -329,7 +418,8 @@ def _tfds_documents(config, workdir, need_train, need_eval):
             max_documents=VOCAB_SAMPLE_DOCUMENTS,
             **where,
         )
-        sample = [sample_path]
+        return [sample_path]
+
     vocab = workdir_vocab(config, workdir, sample)
     train = (
         tfds_documents(data.tfds_name, data.tfds_split, vocab=vocab, **where)
@@ -349,7 +439,7 @@ def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) 
     from mlm.data.tfrecord_source import TFRecordDataSource
 
     data = config.data
-    vocab = workdir_vocab(config, workdir, []) if data.vocab_file else None
+    vocab = workdir_vocab(config, workdir, list) if data.vocab_file else None
 
     def rows(field: str):
         source = TFRecordDataSource(expand_globs(data[field], f"data.{field}"))

@@ -211,15 +211,18 @@ def load_vocab(vocab_file: str, lowercase: bool) -> Vocab:
 
     Returns:
       The ``Vocab``.
+
+    Raises:
+      DataError: the file is missing, unreadable, not UTF-8 text, or not a BERT vocab
+        (see `vocab_tokens`); the message names the file and, where there is one, the line.
     """
-    tokens = _read_vocab_tokens(vocab_file)
+    return vocab_from_tokens(vocab_tokens(read_vocab_text(vocab_file), vocab_file), lowercase)
+
+
+def vocab_from_tokens(tokens: Sequence[str], lowercase: bool) -> Vocab:
+    """Builds the ``Vocab`` of tokens checked by `vocab_tokens` (id = position)."""
+    tokens = list(tokens)
     token_ids = {token: token_id for token_id, token in enumerate(tokens)}
-    for token in SPECIAL_TOKENS:
-        if token not in token_ids:
-            raise DataError(
-                f"{vocab_file}: the special token {token} is missing; "
-                f"a BERT vocab.txt needs all of {' '.join(SPECIAL_TOKENS)}"
-            )
     model = models.WordPiece(
         token_ids,
         unk_token=UNK_TOKEN,
@@ -249,32 +252,91 @@ def load_vocab(vocab_file: str, lowercase: bool) -> Vocab:
     )
 
 
-def _read_vocab_tokens(vocab_file: str) -> list[str]:
-    """Reads the tokens of a ``vocab.txt``; trailing blank lines are ignored."""
+def read_vocab_text(vocab_file: str) -> str:
+    """Reads a vocab file as UTF-8 text (a leading byte-order mark is dropped).
+
+    Args:
+      vocab_file: the file.
+
+    Returns:
+      Its text, with universal newlines turned into ``\\n``.
+
+    Raises:
+      DataError: the file is missing or unreadable, or a line is not UTF-8 (named by number).
+    """
     try:
-        with open(vocab_file, encoding="utf-8") as file:
-            tokens = [line.strip() for line in file]
+        with open(vocab_file, "rb") as file:
+            data = file.read()
     except FileNotFoundError:
         raise DataError(
-            f"data.vocab_file: {vocab_file} does not exist; "
-            "check the path or leave it empty to train a vocabulary"
+            f"vocab file {vocab_file} does not exist; check the path of the BERT vocab.txt"
         ) from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise DataError(f"data.vocab_file: cannot read {vocab_file} as UTF-8 ({error})") from None
+    except OSError as error:
+        raise DataError(
+            f"vocab file '{vocab_file}' cannot be read ({error.strerror or error}); check the "
+            "path and its permissions"
+        ) from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # Byte-order mark (Windows editors).
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_number = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1)
+        raise DataError(
+            f"{vocab_file}:{line_number}: not valid UTF-8 ({error.reason} at byte {column} of "
+            "the line); re-encode the file as UTF-8 or give a BERT vocab.txt"
+        ) from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def vocab_tokens(text: str, where: str) -> list[str]:
+    """Splits a ``vocab.txt``'s text into its tokens and checks they make a BERT vocab.
+
+    Each line is one token (surrounding whitespace dropped); trailing blank lines are ignored.
+
+    Args:
+      text: the file's text (`read_vocab_text`).
+      where: the file, for messages.
+
+    Returns:
+      The tokens by id.
+
+    Raises:
+      DataError: no tokens, a blank line, a NUL byte (a binary file), a token holding
+        whitespace (another tokenizer's vocab), a duplicate, or a missing special token.
+    """
+    tokens = [line.strip() for line in text.split("\n")]
     while tokens and not tokens[-1]:
         tokens.pop()
     if not tokens:
-        raise DataError(f"data.vocab_file: {vocab_file} is empty; give a BERT vocab.txt")
+        raise DataError(f"vocab file '{where}' is empty; give a BERT vocab.txt (one token a line)")
     first_line: dict[str, int] = {}
     for line_number, token in enumerate(tokens, start=1):
         if not token:
-            raise DataError(f"{vocab_file}:{line_number}: empty token; remove the blank line")
+            raise DataError(f"{where}:{line_number}: empty token; remove the blank line")
+        if "\0" in token:
+            raise DataError(
+                f"{where}:{line_number}: a NUL byte; this is a binary file, not a BERT vocab.txt "
+                "(UTF-8 text, one token a line)"
+            )
+        if any(character.isspace() for character in token):
+            raise DataError(
+                f"{where}:{line_number}: token {token!r} holds whitespace; a BERT vocab.txt has "
+                "one token a line and nothing else (is it another tokenizer's vocab?)"
+            )
         if token in first_line:
             raise DataError(
-                f"{vocab_file}:{line_number}: duplicate token {token!r} (first on line "
+                f"{where}:{line_number}: duplicate token {token!r} (first on line "
                 f"{first_line[token]}); each token must appear once"
             )
         first_line[token] = line_number
+    missing = [token for token in SPECIAL_TOKENS if token not in first_line]
+    if missing:
+        raise DataError(
+            f"{where}: the special token{'s' if len(missing) > 1 else ''} "
+            f"{' '.join(missing)} {'are' if len(missing) > 1 else 'is'} missing; a BERT "
+            f"vocab.txt needs all of {' '.join(SPECIAL_TOKENS)}"
+        )
     return tokens
 
 

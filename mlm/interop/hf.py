@@ -21,6 +21,8 @@ from mlm.data.tokenizer import (
     PAD_TOKEN,
     SEP_TOKEN,
     UNK_TOKEN,
+    read_vocab_text,
+    vocab_tokens,
 )
 from mlm.errors import DataError
 
@@ -45,17 +47,18 @@ def read_json(path: str) -> dict[str, Any]:
     """Reads a JSON object file.
 
     Raises:
-      DataError: missing, unreadable or not a JSON object.
+      DataError: missing, unreadable or not a JSON object; the message names the file and the fix.
     """
+    fix = "give the file written with the model (save_pretrained writes it)"
     try:
         with open(path, encoding="utf-8") as file:
             content = json.load(file)
     except FileNotFoundError:
-        raise DataError(f"'{path}' not found") from None
-    except (OSError, ValueError) as error:
-        raise DataError(f"'{path}' cannot be read as JSON ({error})") from None
+        raise DataError(f"'{path}' not found; {fix}") from None
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError included.
+        raise DataError(f"'{path}' cannot be read as JSON ({error}); {fix}") from None
     if not isinstance(content, dict):
-        raise DataError(f"'{path}' is not a JSON object")
+        raise DataError(f"'{path}' is not a JSON object; {fix}")
     return content
 
 
@@ -77,7 +80,15 @@ def read_tensors(model_dir: str) -> dict[str, np.ndarray]:
     if os.path.isfile(single):
         return _read_safetensors([single])
     if os.path.isfile(index):
-        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) for shard in weight_map.values()
+        ):
+            raise DataError(
+                f"'{index}': weight_map is not an object of tensor name -> file name; give the "
+                "index written with the shards (save_pretrained writes it)"
+            )
+        shards = sorted(set(weight_map.values()))
         return _read_safetensors([os.path.join(model_dir, shard) for shard in shards])
     if os.path.isfile(torch_file):
         return _read_torch(torch_file)
@@ -122,23 +133,35 @@ def read_vocab(model_dir: str) -> str:
     """Returns the WordPiece vocab as vocab.txt text: from vocab.txt, else from tokenizer.json.
 
     Raises:
-      DataError: neither file, or a tokenizer.json that is not WordPiece.
+      DataError: neither file, a tokenizer.json that is not WordPiece, or a vocab that is not a
+        BERT vocab (not UTF-8, a duplicate or blank token, a special token missing).
     """
     path = os.path.join(model_dir, VOCAB_FILENAME)
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as file:
-            return file.read()
+        text = read_vocab_text(path)
+        vocab_tokens(text, path)
+        return text
     tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
     if not os.path.isfile(tokenizer_path):
         raise DataError(
             f"'{model_dir}' holds no {VOCAB_FILENAME} or {TOKENIZER_FILENAME}; save the "
             "tokenizer next to the model (tokenizer.save_pretrained)"
         )
-    model = read_json(tokenizer_path).get("model", {})
-    if model.get("type") != "WordPiece" or not isinstance(model.get("vocab"), dict):
+    model = read_json(tokenizer_path).get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    if not isinstance(vocab, dict) or model.get("type") != "WordPiece":
         raise DataError(f"'{tokenizer_path}' is not a WordPiece tokenizer; BERT's vocab is")
-    tokens = sorted(model["vocab"], key=model["vocab"].get)
-    return "".join(f"{token}\n" for token in tokens)
+    ids = list(vocab.values())
+    if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or sorted(ids) != list(
+        range(len(ids))
+    ):
+        raise DataError(
+            f"'{tokenizer_path}': the WordPiece vocab's ids are not 0, 1, ..., {len(ids) - 1}; "
+            "give the tokenizer saved with the model, or its vocab.txt"
+        )
+    text = "".join(f"{token}\n" for token in sorted(vocab, key=vocab.get))
+    vocab_tokens(text, f"{tokenizer_path} (its vocab, one token a line)")
+    return text
 
 
 def read_lowercase(model_dir: str) -> bool:
@@ -147,13 +170,22 @@ def read_lowercase(model_dir: str) -> bool:
     if os.path.isfile(path):
         config = read_json(path)
         if "do_lower_case" in config:
-            return bool(config["do_lower_case"])
+            return _flag(config["do_lower_case"], path, "do_lower_case")
     tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
     if os.path.isfile(tokenizer_path):
         normalizer = read_json(tokenizer_path).get("normalizer") or {}
-        if "lowercase" in normalizer:
-            return bool(normalizer["lowercase"])
+        if isinstance(normalizer, dict) and "lowercase" in normalizer:
+            return _flag(normalizer["lowercase"], tokenizer_path, "normalizer.lowercase")
     return True
+
+
+def _flag(value: Any, path: str, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise DataError(
+            f"'{path}': {key} is {value!r}, not true or false; fix it or pass --lowercase "
+            "true/false"
+        )
+    return value
 
 
 def write_model_dir(

@@ -48,6 +48,17 @@ _MODEL_FIELDS = {
     "hidden_dropout_prob": "dropout_rate",
     "attention_probs_dropout_prob": "attention_dropout_rate",
 }
+# Of those, the sizes (whole numbers >= 1) and the dropout rates (in [0, 1)).
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+_RATE_FIELDS = ("hidden_dropout_prob", "attention_probs_dropout_prob")
 LAYER_NORM_EPSILON = 1e-12
 # hidden_act -> model.activation. Hugging Face's "gelu" is the exact erf form; its tanh forms
 # share one formula. The original release's "gelu" is the tanh approximation (modeling.py).
@@ -84,16 +95,24 @@ def model_fields(
         raise DataError(f"{where}: model_type is '{model_type}'; only BERT checkpoints convert")
     missing = [name for name in _MODEL_FIELDS if name not in bert_config]
     if missing:
-        raise DataError(f"{where}: missing {', '.join(missing)}; is it a BERT config?")
+        raise DataError(
+            f"{where}: missing {', '.join(missing)}; is it a BERT config? Give the config the "
+            "weights were saved with"
+        )
+    _check_sizes(bert_config, where)
     fields = {ours: bert_config[theirs] for theirs, ours in _MODEL_FIELDS.items()}
     act = bert_config.get("hidden_act", "gelu")
-    if act not in activations:
+    if not isinstance(act, str) or act not in activations:
         raise DataError(
-            f"{where}: hidden_act '{act}' is not computed by mlm (it has "
-            f"{', '.join(sorted(activations))})"
+            f"{where}: hidden_act {act!r} is not computed by mlm; only models with hidden_act "
+            f"{', '.join(sorted(activations))} convert"
         )
     fields["activation"] = activations[act]
     epsilon = bert_config.get("layer_norm_eps", LAYER_NORM_EPSILON)
+    if not _is_number(epsilon):
+        raise DataError(
+            f"{where}: layer_norm_eps is {epsilon!r}, not a number; BERT's is {LAYER_NORM_EPSILON}"
+        )
     if not np.isclose(epsilon, LAYER_NORM_EPSILON, rtol=1e-6, atol=0):
         raise DataError(
             f"{where}: layer_norm_eps is {epsilon}; mlm's BERT uses {LAYER_NORM_EPSILON}"
@@ -105,6 +124,34 @@ def model_fields(
             "position embeddings"
         )
     return fields
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_sizes(bert_config: Mapping[str, Any], where: str) -> None:
+    """Raises DataError naming the first size or rate of a BERT config that cannot be a model's."""
+    for name in _SIZE_FIELDS:
+        value = bert_config[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(
+                f"{where}: {name} is {value!r}; it must be a whole number of at least 1: set "
+                "the value the weights were saved with"
+            )
+    for name in _RATE_FIELDS:
+        value = bert_config[name]
+        if not _is_number(value) or not 0 <= value < 1:
+            raise DataError(
+                f"{where}: {name} is {value!r}; it must be a number in [0, 1) (BERT's is 0.1)"
+            )
+    hidden, heads = bert_config["hidden_size"], bert_config["num_attention_heads"]
+    if hidden % heads:
+        raise DataError(
+            f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}; set "
+            "the values the weights were saved with (each head has hidden_size / "
+            "num_attention_heads dimensions)"
+        )
 
 
 def hf_bert_config(
@@ -144,6 +191,8 @@ class TensorSpec:
       tf: the variable name in an original google-research/bert checkpoint.
       mlm: the path in mlm's `params` tree.
       kind: how the Hugging Face array becomes mlm's (COPY, LINEAR, HEADS_*).
+      dims: the Hugging Face array's shape: BERT config sizes by name (e.g. "hidden_size"),
+        or numbers.
       tf_transposed: the TF1 array is the transpose of the Hugging Face one (dense kernels).
     """
 
@@ -151,21 +200,35 @@ class TensorSpec:
     tf: str
     mlm: tuple[str, ...]
     kind: str
+    dims: tuple[str | int, ...]
     tf_transposed: bool = False
 
+    def hf_shape(self, fields: Mapping[str, Any]) -> tuple[int, ...]:
+        """The Hugging Face array's shape for mlm model fields (`model_fields`)."""
+        return tuple(fields[_MODEL_FIELDS[d]] if isinstance(d, str) else d for d in self.dims)
 
-def _dense(hf: str, tf: str, mlm: tuple[str, ...], kind: str = LINEAR) -> list[TensorSpec]:
+
+def _dense(
+    hf: str,
+    tf: str,
+    mlm: tuple[str, ...],
+    kind: str = LINEAR,
+    out: str = "hidden_size",
+    into: str = "hidden_size",
+) -> list[TensorSpec]:
     bias_kind = HEADS_BIAS if kind == HEADS_IN else COPY
     return [
-        TensorSpec(f"{hf}.weight", f"{tf}/kernel", (*mlm, "kernel"), kind, tf_transposed=True),
-        TensorSpec(f"{hf}.bias", f"{tf}/bias", (*mlm, "bias"), bias_kind),
+        TensorSpec(
+            f"{hf}.weight", f"{tf}/kernel", (*mlm, "kernel"), kind, (out, into), tf_transposed=True
+        ),
+        TensorSpec(f"{hf}.bias", f"{tf}/bias", (*mlm, "bias"), bias_kind, (out,)),
     ]
 
 
 def _layer_norm(hf: str, tf: str, mlm: tuple[str, ...]) -> list[TensorSpec]:
     return [
-        TensorSpec(f"{hf}.weight", f"{tf}/gamma", (*mlm, "scale"), COPY),
-        TensorSpec(f"{hf}.bias", f"{tf}/beta", (*mlm, "bias"), COPY),
+        TensorSpec(f"{hf}.weight", f"{tf}/gamma", (*mlm, "scale"), COPY, ("hidden_size",)),
+        TensorSpec(f"{hf}.bias", f"{tf}/beta", (*mlm, "bias"), COPY, ("hidden_size",)),
     ]
 
 
@@ -185,8 +248,13 @@ def tensor_specs(num_layers: int, next_sentence: bool) -> list[TensorSpec]:
             f"bert/embeddings/{name}_embeddings",
             ("encoder", f"{ours}_embeddings", "embedding"),
             COPY,
+            (rows, "hidden_size"),
         )
-        for name, ours in (("word", "word"), ("position", "position"), ("token_type", "type"))
+        for name, ours, rows in (
+            ("word", "word", "vocab_size"),
+            ("position", "position", "max_position_embeddings"),
+            ("token_type", "type", "type_vocab_size"),
+        )
     ]
     specs = embeddings + _layer_norm(
         "bert.embeddings.LayerNorm",
@@ -218,9 +286,14 @@ def tensor_specs(num_layers: int, next_sentence: bool) -> list[TensorSpec]:
             (*mlm, "attention_layer_norm"),
         )
         specs += _dense(
-            f"{hf}.intermediate.dense", f"{tf}/intermediate/dense", (*mlm, "intermediate")
+            f"{hf}.intermediate.dense",
+            f"{tf}/intermediate/dense",
+            (*mlm, "intermediate"),
+            out="intermediate_size",
         )
-        specs += _dense(f"{hf}.output.dense", f"{tf}/output/dense", (*mlm, "output"))
+        specs += _dense(
+            f"{hf}.output.dense", f"{tf}/output/dense", (*mlm, "output"), into="intermediate_size"
+        )
         specs += _layer_norm(
             f"{hf}.output.LayerNorm", f"{tf}/output/LayerNorm", (*mlm, "output_layer_norm")
         )
@@ -233,7 +306,13 @@ def tensor_specs(num_layers: int, next_sentence: bool) -> list[TensorSpec]:
         ("mlm_head", "layer_norm"),
     )
     specs.append(
-        TensorSpec(HF_MLM_BIAS, "cls/predictions/output_bias", ("mlm_head", "output_bias"), COPY)
+        TensorSpec(
+            HF_MLM_BIAS,
+            "cls/predictions/output_bias",
+            ("mlm_head", "output_bias"),
+            COPY,
+            ("vocab_size",),
+        )
     )
     if next_sentence:
         specs += _dense("bert.pooler.dense", "bert/pooler/dense", ("nsp_head", "pooler"))
@@ -244,12 +323,14 @@ def tensor_specs(num_layers: int, next_sentence: bool) -> list[TensorSpec]:
                 "cls/seq_relationship/output_weights",
                 ("nsp_head", "classifier", "kernel"),
                 LINEAR,
+                (2, "hidden_size"),
             ),
             TensorSpec(
                 "cls.seq_relationship.bias",
                 "cls/seq_relationship/output_bias",
                 ("nsp_head", "classifier", "bias"),
                 COPY,
+                (2,),
             ),
         ]
     return specs
@@ -342,7 +423,8 @@ def params_from_hf(
       the like; the tied decoder and the position-id buffer are checked and not listed).
 
     Raises:
-      DataError: a tensor is missing, or the MLM decoder is not tied to the word embeddings.
+      DataError: a tensor is missing or has another shape than the config gives, or the MLM
+        decoder is not tied to the word embeddings.
     """
     tensors = {_normalized(name): array for name, array in tensors.items()}
     next_sentence = has_next_sentence(tensors)
@@ -353,6 +435,15 @@ def params_from_hf(
         f"{where}: tensor",
         "convert a BertForMaskedLM or BertForPreTraining checkpoint (with its MLM head)",
     )
+    for spec in specs:
+        shape, expected = tuple(np.shape(tensors[spec.hf])), spec.hf_shape(fields)
+        if shape != expected:
+            names = ", ".join(str(d) for d in spec.dims)
+            raise DataError(
+                f"{where}: tensor '{spec.hf}' has shape {shape} but the config gives {expected} "
+                f"({names}); the weights and the config belong to different models: give the "
+                "config the weights were saved with"
+            )
     for tied, to in ((HF_DECODER_WEIGHT, HF_WORD_EMBEDDINGS), (HF_DECODER_BIAS, HF_MLM_BIAS)):
         if tied in tensors and not np.array_equal(tensors[tied], tensors[to]):
             raise DataError(
