@@ -3,8 +3,8 @@
 A standalone script: it imports only tensorflow, tf-models-official, numpy and json (never
 `mlm`), so it runs in its own venv:
 
-  python3.11 -m venv /work/venv_tfm && /work/venv_tfm/bin/pip install tf-models-official==2.20.0
-  /work/venv_tfm/bin/python mlm/model_garden_bench.py --steps 20
+  python3.11 -m venv .venv-tfm && .venv-tfm/bin/pip install tf-models-official==2.20.0
+  .venv-tfm/bin/python mlm/model_garden_bench.py --steps 20
 
 `python -m mlm.bench --config configs/bench_reference.py --model-garden-python PYTHON` runs it
 as a subprocess with the same shapes. The task is Model Garden's `MaskedLMTask` with its
