@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mlm.errors import ConfigError
+
 # Stream of `fold_in(step_rng, .)` reserved for the DP noise; dropout uses the step key itself
 # and `fold_in(step_rng, i)` for row or micro-batch i, which stay far below this.
 _NOISE_STREAM = 0x7FFFFFFF
@@ -119,6 +121,23 @@ def add_noise(grad_sum: Any, key: jax.Array, stddev: float) -> Any:
 def sampling_rate(config: ml_collections.ConfigDict) -> float:
     """q = train.global_batch_size / privacy.num_examples (validated config)."""
     return config.train.global_batch_size / config.privacy.num_examples
+
+
+def require_accountant(config: ml_collections.ConfigDict) -> None:
+    """Checks, before a private run starts, that the accountant reporting epsilon is installed.
+
+    Raises:
+      ConfigError: `privacy.enabled` without the `privacy` extra (dp-accounting).
+    """
+    if not config.privacy.enabled:
+        return
+    try:
+        import dp_accounting  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "privacy.enabled needs dp-accounting (the RDP accountant that reports epsilon); "
+            "install the privacy extra: pip install -e '.[privacy]'"
+        ) from None
 
 
 @functools.lru_cache(maxsize=4096)

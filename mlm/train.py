@@ -257,6 +257,7 @@ def train_and_evaluate(
     if mode not in config_lib.MODES:
         raise ConfigError(f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'")
     config = config_lib.validate(config)
+    privacy.require_accountant(config)
     workdir_lib.check_path(workdir)
     if mode == "eval" and not checkpoint.has_checkpoint(workdir):
         raise WorkdirError(

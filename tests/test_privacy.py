@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -179,3 +180,19 @@ def test_dp_training_run_logs_epsilon_each_interval_and_at_the_end(tmp_path):
         == privacy.epsilon_for_config(config, 10)
     )
     assert np.isfinite(results["eval"]["masked_lm_accuracy"])
+
+
+def test_private_training_without_the_accountant_stops_before_any_file(tmp_path, monkeypatch):
+    from test_train import tiny_config as run_config
+
+    from mlm.errors import ConfigError
+    from mlm.train import train_and_evaluate
+
+    monkeypatch.setitem(sys.modules, "dp_accounting", None)  # As if the extra were missing.
+    config = run_config()
+    config.privacy.update(enabled=True, l2_clip=1.0, noise_multiplier=1.1, num_examples=2000)
+    with pytest.raises(ConfigError, match=r"pip install -e '\.\[privacy\]'$"):
+        train_and_evaluate(config, str(tmp_path / "dp"))
+    assert not (tmp_path / "dp").exists()
+    config.privacy.enabled = False
+    privacy.require_accountant(config_lib.validate(config))  # Only private runs need it.
