@@ -319,7 +319,9 @@ def _parse_bool(text: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (2 with a one-line error on bad input)."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlm.convert", description=__doc__.splitlines()[0]
+    )
     direction = parser.add_mutually_exclusive_group(required=True)
     direction.add_argument("--from", dest="source", choices=SOURCES, help="convert into mlm")
     direction.add_argument("--to", dest="target", choices=TARGETS, help="export an mlm workdir")

@@ -191,7 +191,9 @@ def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) ->
 
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m mlm.fill_mask", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--workdir", required=True, help="a workdir written by mlm.train")
     parser.add_argument("--text", required=True, help='text with [MASK], e.g. "A [MASK] day."')
     parser.add_argument(

@@ -546,3 +546,10 @@ def test_convert_command_line_prints_one_line_for_a_config_that_is_not_json(mask
         "(char 0)); give the file written with the model (save_pretrained writes it)"
     ]
     assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
+def test_usage_names_the_command_a_user_types(capsys):
+    with pytest.raises(SystemExit) as caught:
+        convert.main(["--help"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m mlm.convert ")

@@ -167,3 +167,10 @@ def test_config_json_without_a_saved_config_points_to_the_checkpoint_items(damag
     (damaged / "config.json").write_text("{")
     with pytest.raises(WorkdirError, match=r"restore it from a checkpoint step's config item "):
         workdir_lib.read_config(str(damaged))
+
+
+def test_usage_names_the_command_a_user_types(capsys):
+    with pytest.raises(SystemExit) as caught:
+        fill_mask.main(["--help"])
+    assert caught.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: python -m mlm.fill_mask ")
