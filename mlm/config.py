@@ -246,7 +246,7 @@ def _check_schema(config: ml_collections.ConfigDict) -> None:
         if name not in schema:
             raise ConfigError(
                 f"unknown config field '{name}'{did_you_mean(name, schema)}; the fields are"
-                " listed in README.md 'Config reference'"
+                " listed in docs/reference.md 'Config reference'"
             )
         expected = type(schema[name])
         ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))

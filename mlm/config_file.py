@@ -197,7 +197,7 @@ def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str]) -> N
             name = match.group(1)
             raise ConfigError(
                 f"unknown config field '{name}' in override '{arg}'{did_you_mean(name, known)};"
-                " the fields are listed in README.md 'Config reference'"
+                " the fields are listed in docs/reference.md 'Config reference'"
             )
         if match and match.group(2):
             _check_override_type(match.group(1), match.group(2)[1:], known[match.group(1)])

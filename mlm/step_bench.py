@@ -45,7 +45,7 @@ PEAK_BF16_FLOPS = (
 # `jax.nn.dot_product_attention(implementation='cudnn')` lowers to `__cudnn$fmha...`).
 CUDNN_ATTENTION_TARGET = "__cudnn$fmha"
 # Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
-# built-in corpus at seq 128 (README 'Data'); `--real_fraction` changes it.
+# built-in corpus at seq 128 (docs/concepts.md); `--real_fraction` changes it.
 DEFAULT_REAL_FRACTION = 0.94
 
 

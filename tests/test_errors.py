@@ -1,6 +1,6 @@
 """The bad-input catalogue: each user mistake the framework recognises, made the way a user makes
 it, stops with one typed error naming the field or file and the fix, and leaves the checkpoints of
-an existing run exactly as they were (README "Bad input" and "A run is never lost").
+an existing run exactly as they were (docs/reference.md "Bad input", README "A run is never lost").
 
 Two short runs (text files, TFRecords) are trained once per module; every test works on its own
 copy, with data paths relative to the copy, so damaging the data keeps the config unchanged, as
@@ -302,7 +302,7 @@ def test_unknown_config_field_suggests_the_closest(text_copy):
     fails_leaving_checkpoints(
         ConfigError,
         r"^unknown config field 'model\.hiden_size' \(did you mean 'model\.hidden_size'\?\); "
-        r"the fields are listed in README\.md 'Config reference'$",
+        r"the fields are listed in docs/reference\.md 'Config reference'$",
         config,
     )
 
@@ -315,7 +315,8 @@ def test_cli_unknown_override_exits_2_with_one_error_line(text_copy):
     assert result.returncode == 2, result.stderr
     assert error_lines(result) == [
         "error: unknown config field 'train.num_step' in override '--config.train.num_step=9' "
-        "(did you mean 'train.num_steps'?); the fields are listed in README.md 'Config reference'"
+        "(did you mean 'train.num_steps'?); the fields are listed in docs/reference.md "
+        "'Config reference'"
     ]
     assert snapshot() == before
 

@@ -9,7 +9,8 @@ attention; it never branches on the backend itself. Two sets compute the same fu
   (docs/performance.md), so used only there.
 - `standard` (`mlm.kernels.standard`): flax's Dense, `flax.linen.Dropout`, and
   `jax.nn.dot_product_attention` (cuDNN's fused attention on GPU for 16-bit inputs, XLA's
-  otherwise); with attention dropout, flax's attention with `jax.random` dropout.
+  otherwise); with attention dropout, XLA softmax attention with a `jax.random` dropout mask
+  (`standard.dropout_attention`).
 
 `model.kernels` picks the set: `auto` (the default) decides from the platform of the devices the
 step is compiled for (the mesh's, not `jax.default_backend()`, so a CPU host compiling for a TPU

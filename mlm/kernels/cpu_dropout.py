@@ -6,15 +6,14 @@ of a counter (the element group's index, so the stream is the same however the a
 gives two 32-bit words, split into four 16-bit draws; an element is dropped when its draw is below
 `round(rate * 2**16)`. The drop probability is the rate rounded to a multiple of 2**-16
 (0.1 -> 0.100006) and kept elements are scaled by the exact inverse keep probability, so the
-expectation is preserved exactly. On the 2-core benchmark CPU the dropout of a [32, 4, 128, 128]
-attention tensor took 3.5 ms against 9.5 ms with flax's bits in one run (6.8-7.3 ms in quieter
-runs); the reference train step 485 ms against 540 ms (README 'Performance').
+expectation is preserved exactly. On CPU this is faster than drawing random bits with
+`jax.random` and comparing them (docs/performance.md has the measurements).
 
 The hash is jax's threefry2x32 written out as its 20 unrolled rounds (`threefry2x32`), which is
 how jax lowers it on GPU and TPU. On CPU jax lowers its primitive as a rolled 5-iteration loop
 (to keep compile times short), and XLA cannot fuse a loop into the mask's consumers: each
-iteration writes its two words to memory. Unrolled, the hash fuses into the mask (reference
-step 482 -> 460 ms, README). The output is bit-identical to `jax.extend.random.threefry_2x32`.
+iteration writes its two words to memory. Unrolled, the hash fuses into the mask. The output is
+bit-identical to `jax.extend.random.threefry_2x32`.
 """
 
 from __future__ import annotations
