@@ -6,7 +6,7 @@ Model Garden's MaskedLMTask builds it by default (a 2-class `next_sentence` head
 
 Run:
   python -m mlm.bench --config configs/bench_reference.py --steps 30 \
-      [--model-garden-python .venv-tfm/bin/python]
+      [--model-garden-python PYTHON]
 """
 
 import ml_collections

@@ -4,7 +4,7 @@ cost of a checkpoint save (`--checkpoint-cost`).
 
 Run:
   python -m mlm.bench --config configs/NAME.py [--config.x=y ...] [--steps 20] [--warmup 3] \
-      [--eval] [--real_fraction 0.94] [--model-garden-python .venv-tfm/bin/python]
+      [--eval] [--real_fraction 0.94] [--model-garden-python PYTHON]
   XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m mlm.bench --state-memory \
       --config configs/bert_large.py --config.mesh.fsdp=8
   python -m mlm.bench --input-only --seq_lengths 128,512 [--config configs/NAME.py] \

@@ -485,27 +485,6 @@ def _privacy_metrics(config: ml_collections.ConfigDict, step: int) -> dict[str, 
     return {"privacy_epsilon": privacy.epsilon_for_config(config, step)}
 
 
-def _state_mismatch(
-    error: ConfigError,
-    previous: dict | None,
-    config: ml_collections.ConfigDict,
-) -> ConfigError:
-    """Names the changed fields behind a checkpoint of another state structure."""
-    if previous is None:
-        return error
-    changed = [
-        f"{section}.{field}={value!r} in the run, {config[section][field]!r} here"
-        for section in ("optimizer", "train")
-        for field, value in previous.get(section, {}).items()
-        if field in config[section] and config[section][field] != value
-    ]
-    return ConfigError(
-        f"the checkpoints hold another train state than this config builds ("
-        f"{'; '.join(changed) or 'see ' + str(error)}); resume with the run's config "
-        "(WORKDIR/config.json) or use a new --workdir"
-    )
-
-
 def _initialize_from(
     config: ml_collections.ConfigDict, workdir: str, state: Any, shardings: Any
 ) -> Any:

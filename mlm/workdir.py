@@ -87,22 +87,13 @@ def run_config(workdir: str) -> tuple[dict, str] | None:
       (config as a dict, its path), or None when the workdir holds no checkpoint step.
 
     Raises:
-      WorkdirError: config.json exists but cannot be read.
+      WorkdirError: config.json exists but cannot be read as a JSON object.
     """
     if not checkpoint.has_checkpoint(workdir):
         return None
     path = os.path.join(workdir, CONFIG_FILENAME)
     if os.path.exists(path):
-        try:
-            with open(path) as file:
-                config = json.load(file)
-            if not isinstance(config, dict):
-                raise ValueError("not a JSON object")
-            return config, path
-        except (OSError, ValueError) as error:
-            raise WorkdirError(
-                f"{path}: cannot be read ({error}); {restore_config_hint(workdir, path)}"
-            ) from None
+        return _read_config_json(path, workdir)[0], path
     directory = checkpoint.checkpoint_dir(workdir)
     steps = [int(name) for name in os.listdir(directory) if name.isdigit()]
     found = checkpoint.latest_saved_config(directory, steps)
@@ -136,6 +127,15 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                 f"'{path}' not found; is '{workdir}' a workdir written by mlm.train?"
             )
         return _validated(json.dumps(found[0]), found[1], workdir)
+    return _validated(_read_config_json(path, workdir)[1], path, workdir)
+
+
+def _read_config_json(path: str, workdir: str) -> tuple[dict, str]:
+    """A workdir's config.json as (JSON object, text).
+
+    Raises:
+      WorkdirError: unreadable, not JSON, or not a JSON object; names how to restore it.
+    """
     try:
         with open(path, encoding="utf-8") as file:
             text = file.read()
@@ -154,7 +154,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
             f"{path} holds a JSON {kind}, not an object of config sections; "
             f"{restore_config_hint(workdir, path)}"
         )
-    return _validated(text, path, workdir)
+    return content, text
 
 
 # The JSON name of what json.loads returned, for messages.
