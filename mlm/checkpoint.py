@@ -13,6 +13,10 @@ import logging
 import math
 import os
 import shutil
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -116,6 +120,9 @@ def make_manager(directory: str, keep: int) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(os.path.abspath(directory), options=options)
 
 
+_SAVE_HAS_FAILED = threading.Event()  # Set once a failed save has been reported (`save_failed`).
+
+
 class _BackgroundFailureFilter(logging.Filter):
     """Drops orbax's tracebacks of failed background saves: `save` / `finish` report them."""
 
@@ -123,15 +130,57 @@ class _BackgroundFailureFilter(logging.Filter):
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _UnretrievedFailureFilter(logging.Filter):
+    """Drops asyncio's echoes of a failed save's other writes, once the failure is reported.
+
+    When one write of a save fails, orbax stops waiting for the others; each one that fails
+    too is later logged by asyncio ('... exception was never retrieved') with its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        echo = str(record.msg).startswith(
+            ("Task exception was never retrieved", "Future exception was never retrieved")
+        )
+        return not (echo and _SAVE_HAS_FAILED.is_set())
+
+
 def quiet_background_failures() -> None:
     """Keeps orbax's background-save tracebacks off the console (command-line entry points).
 
-    A failed save reaches the run as one WorkdirError line (`save_failed`); orbax also logs
-    each failing thread's traceback, hundreds of lines for one full disk.
+    A failed save reaches the run as one WorkdirError line (`save_failed`); orbax, asyncio
+    and tensorstore also report each failing write with a traceback, hundreds of lines for
+    one full disk.
     """
-    absl_logger = logging.getLogger("absl")
-    if not any(isinstance(f, _BackgroundFailureFilter) for f in absl_logger.filters):
-        absl_logger.addFilter(_BackgroundFailureFilter())
+    for name, kind in (("absl", _BackgroundFailureFilter), ("asyncio", _UnretrievedFailureFilter)):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, kind) for f in logger.filters):
+            logger.addFilter(kind())
+    if not isinstance(sys.unraisablehook, _LateWakeupFilter):
+        sys.unraisablehook = _LateWakeupFilter(sys.unraisablehook)
+
+
+class _LateWakeupFilter:
+    """Drops tensorstore's late wake-ups of an event loop that orbax already closed.
+
+    When a background save fails, orbax's event loop ends at the first error while other
+    tensorstore writes are still failing; each of those then reports 'Event loop is closed'
+    as an unraisable exception, a traceback each, from a tensorstore thread at any moment.
+    Every other unraisable exception goes to the hook that was there before.
+    """
+
+    def __init__(self, previous: Callable[[Any], object]):
+        self.previous = previous
+
+    def __call__(self, unraisable: Any) -> None:
+        error = unraisable.exc_value
+        frames = [frame.name for frame in traceback.extract_tb(unraisable.exc_traceback)]
+        late_wakeup = (
+            isinstance(error, RuntimeError)
+            and str(error) == "Event loop is closed"
+            and "call_soon_threadsafe" in frames
+        )
+        if not late_wakeup:
+            self.previous(unraisable)
 
 
 def open_reader(directory: str) -> ocp.CheckpointManager:
@@ -339,6 +388,7 @@ def finish(manager: ocp.CheckpointManager) -> None:
 
 def save_failed(manager: ocp.CheckpointManager, error: BaseException) -> WorkdirError:
     """The one-line error of a failed save, after removing the unfinished step directories."""
+    _SAVE_HAS_FAILED.set()
     if isinstance(error, WorkdirError):
         return error
     reason = " ".join(str(error).split())
@@ -349,7 +399,7 @@ def save_failed(manager: ocp.CheckpointManager, error: BaseException) -> Workdir
     else:
         reason = f"{type(error).__name__}: {reason[:160]}"
     directory = os.fspath(manager.directory)
-    remove_unfinished(directory)
+    remove_unfinished(directory, settle_s=0.5)
     try:
         manager.reload()
         latest = manager.latest_step()
@@ -576,17 +626,41 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     manager.reload()
 
 
-def remove_unfinished(directory: str) -> None:
+def remove_unfinished(directory: str, settle_s: float = 0.0, timeout_s: float = 10.0) -> None:
     """Deletes the temporary directories of saves that did not finish (process 0 only).
 
     Args:
       directory: a checkpoint directory (`WORKDIR/checkpoints`).
+      settle_s: after a failed save, tensorstore writes of the same save may still be in
+        flight and create their directories again; keep removing until none has appeared
+        for this many seconds.
+      timeout_s: stop trying after this many seconds (the next run's manager removes
+        whatever is left).
     """
-    if jax.process_index() != 0 or not os.path.isdir(directory):
+    if jax.process_index() != 0:
         return
-    for name in os.listdir(directory):
-        if name.endswith(".orbax-checkpoint-tmp") or ".orbax-checkpoint-tmp-" in name:
-            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    start = last_removal = time.monotonic()
+    while True:
+        if _remove_temporary_directories(directory):
+            last_removal = time.monotonic()
+        now = time.monotonic()
+        if now - last_removal >= settle_s or now - start >= timeout_s:
+            return
+        time.sleep(0.05)
+
+
+def _remove_temporary_directories(directory: str) -> bool:
+    """Removes orbax's temporary step directories; returns whether there were any."""
+    if not os.path.isdir(directory):
+        return False
+    names = [
+        name
+        for name in os.listdir(directory)
+        if name.endswith(".orbax-checkpoint-tmp") or ".orbax-checkpoint-tmp-" in name
+    ]
+    for name in names:
+        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    return bool(names)
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

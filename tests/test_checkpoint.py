@@ -199,3 +199,62 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
     checkpoint.finish(manager)
     assert manager.all_steps() == [1]
     assert checkpoint.all_finite(state) and not checkpoint.all_finite(broken)
+
+
+def test_late_wakeups_of_a_closed_event_loop_stay_off_the_console(monkeypatch):
+    import asyncio
+    import logging
+    import sys
+
+    import tensorstore as ts
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    monkeypatch.setattr(logging.getLogger("absl"), "filters", [])
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    checkpoint.quiet_background_failures()
+    checkpoint.quiet_background_failures()  # Idempotent: one filter each, one hook.
+    assert len(logging.getLogger("absl").filters) == 1
+    assert len(logging.getLogger("asyncio").filters) == 1
+
+    # What a failed orbax save leaves behind: a tensorstore write that completes after the
+    # event loop awaiting it was closed.
+    promise, future = ts.Promise.new()
+
+    async def wait_for_write():
+        await future
+
+    loop = asyncio.new_event_loop()
+    pending = loop.create_task(wait_for_write())
+    loop.run_until_complete(asyncio.sleep(0.01))
+    loop.close()
+    promise.set_result(1)
+    assert seen == []
+
+    class FailsOnDelete:
+        def __del__(self):
+            raise ValueError("a real problem")
+
+    FailsOnDelete()
+    assert [repr(error) for error in seen] == ["ValueError('a real problem')"]
+    pending._log_destroy_pending = False  # The never-woken task is the point here.
+
+
+def test_unretrieved_write_failures_are_dropped_only_after_a_save_failed(monkeypatch, caplog):
+    import logging
+    import threading
+
+    monkeypatch.setattr(logging.getLogger("asyncio"), "filters", [])
+    monkeypatch.setattr(checkpoint, "_SAVE_HAS_FAILED", threading.Event())
+    checkpoint.quiet_background_failures()
+    asyncio_logger = logging.getLogger("asyncio")
+    echo = "Future exception was never retrieved\nfuture: <Future finished exception=OSError(28)>"
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        asyncio_logger.error(echo)  # No save failed: a real problem, shown.
+        checkpoint._SAVE_HAS_FAILED.set()
+        asyncio_logger.error(echo)  # The failed save's other writes: already reported.
+        asyncio_logger.error("Unclosed client session")
+    assert [record.getMessage().split("\n")[0] for record in caplog.records] == [
+        "Future exception was never retrieved",
+        "Unclosed client session",
+    ]
