@@ -1,10 +1,10 @@
 """Ahead-of-time compilation for a TPU slice on a CPU host: will this config fit, and how fast?
 
-Compiles the train step and the eval step that `mlm.train` would run (the same
-`mlm.train.build_steps`, shardings, kernels and donation) for the compile-only devices of a named
-TPU topology, with the real TPU compiler (`jax[tpu]`: `pip install -e '.[tpu]'`), on a machine
-with no TPU. It reports each chip's HBM as the compiler assigned it, whether that fits, and the
-step's FLOPs as XLA counts them next to the model-FLOP formula of `mlm.bench`.
+Compiles the train step and the eval step that `mlm.train` would run (the same `Experiment`:
+shardings, kernels and donation) for the compile-only devices of a named TPU topology, with
+the real TPU compiler (`jax[tpu]`: `pip install -e '.[tpu]'`), on a machine with no TPU. It
+reports each chip's HBM as the compiler assigned it, whether that fits, and the step's FLOPs
+as XLA counts them next to the model-FLOP formula of `mlm.bench`.
 
 Run:
   python -m mlm.aot --config configs/bert_base.py --topology v5e-8 [--config.x=y ...]
@@ -29,10 +29,11 @@ from typing import Any
 import jax
 import ml_collections
 
-from mlm import checkpoint, parallel, task
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
+from mlm import parallel, task
 from mlm.errors import ConfigError
+from mlm.experiment import Experiment
 from mlm.step_bench import model_flops_per_token
 
 GIB = 2**30
@@ -285,8 +286,6 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
       `flops_ratio` (XLA / model), and `eval_hbm_bytes_per_chip`, `eval_compile_s`,
       `eval_xla_flops_per_chip`, `eval_model_flops_per_chip`.
     """
-    from mlm.train import build_steps
-
     config = config_lib.validate(config)
     topology = parse_topology(topology_name)
     devices = topology_devices(topology)
@@ -294,21 +293,21 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
     parallel.check_batch_size(
         config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
     )
-    steps = build_steps(config, mesh)
-    state = checkpoint.abstract_with_shardings(steps.abstract, steps.shardings)
-    batch = abstract_batch(config, steps.batch_sharding)
+    experiment = Experiment.build(config, mesh)
+    state = experiment.restore_target()
+    batch = abstract_batch(config, experiment.batch_sharding)
     data = config.data
     tokens = config.train.global_batch_size * data.seq_length
     capacity = topology.generation.hbm_capacity_bytes
     _progress(
         f"{topology.name}: {topology.chips} x {devices[0].device_kind} on {topology.hosts} "
-        f"host(s), mesh {dict(mesh.shape)}, {steps.model.kernels.name} kernels; compiling the "
+        f"host(s), mesh {dict(mesh.shape)}, {experiment.model.kernels.name} kernels; compiling the "
         "train step (minutes for large models)..."
     )
-    train = compile_step(steps.train_fn.lower(state, batch))
+    train = compile_step(experiment.train_step.lower(state, batch))
     _progress(_summary("train", train, capacity))
     _progress("compiling the eval step...")
-    evaluation = compile_step(steps.eval_fn.lower(state.params, batch))
+    evaluation = compile_step(experiment.eval_step.lower(state.params, batch))
     _progress(_summary("eval", evaluation, capacity))
 
     def model_flops(train_step: bool) -> float:
@@ -327,7 +326,7 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology_name: str) 
         chips=topology.chips,
         hosts=topology.hosts,
         mesh=dict(mesh.shape),
-        kernels=steps.model.kernels.name,
+        kernels=experiment.model.kernels.name,
         dtype=config.model.dtype,
         remat=config.model.remat,
         grad_accum_steps=config.optimizer.grad_accum_steps,

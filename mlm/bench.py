@@ -286,13 +286,11 @@ def bench_state_memory(config: ml_collections.ConfigDict) -> dict[str, Any]:
       `fraction` (max_device_bytes / state_bytes).
     """
     from mlm import parallel
-    from mlm.train import build_steps
+    from mlm.experiment import Experiment
 
     config = config_lib.validate(copy.deepcopy(config))
     mesh = parallel.make_mesh(config.mesh)
-    steps = build_steps(config, mesh)
-    init = jax.jit(steps.init_fn, out_shardings=steps.shardings)
-    state = init(jax.random.PRNGKey(config.train.seed))
+    state = Experiment.build(config, mesh).init_state()
     per_device = parallel.state_bytes_per_device(state)
     state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
     return dict(
@@ -325,13 +323,11 @@ def bench_checkpoint_cost(
       `blocking_s` (save + wait, what a synchronous save would cost the loop).
     """
     from mlm import checkpoint, parallel
-    from mlm.train import build_steps
+    from mlm.experiment import Experiment
 
     config = config_lib.validate(copy.deepcopy(config))
     mesh = parallel.make_mesh(config.mesh)
-    steps = build_steps(config, mesh)
-    init = jax.jit(steps.init_fn, out_shardings=steps.shardings)
-    state = init(jax.random.PRNGKey(config.train.seed))
+    state = Experiment.build(config, mesh).init_state()
     jax.block_until_ready(state)
     manager = checkpoint.make_manager(directory, keep=1)
     checkpoint.save(manager, 0, state, None)  # Warm-up: first-call costs.

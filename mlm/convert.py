@@ -26,19 +26,18 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from mlm import checkpoint, kernels, task
+from mlm import checkpoint, kernels
 from mlm import config as config_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
+from mlm.experiment import Experiment
 from mlm.interop import hf, layout, tf_bert
-from mlm.optim import create_optimizer
 
 SOURCES = ("hf", "tf-bert")
 TARGETS = ("hf",)
@@ -174,17 +173,9 @@ def write_workdir(
       vocab_text: vocab.txt's content.
       where: the source, for error messages.
     """
-    model = task.build_model(config)
-    tx = create_optimizer(config.optimizer, config.train.num_steps)
-    abstract = jax.eval_shape(task.state_initializer(config, model, tx), jax.random.PRNGKey(0))
-    _check_shapes(params, abstract.params, where)
-    params = jax.tree.map(jnp.asarray, params)
-    state = task.TaskState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=tx.init(params),
-        rng=jax.random.PRNGKey(config.train.seed),
-    )
+    experiment = Experiment.build(config)
+    _check_shapes(params, experiment.abstract.params, where)
+    state = experiment.state_from_params(params)
 
     def write(directory: str) -> None:
         vocab_path = os.path.join(directory, VOCAB_FILENAME)

@@ -9,21 +9,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import numbers
 import os
 import sys
 from typing import Any
 
-import jax
 import numpy as np
 
-from mlm import checkpoint, kernels, task
+from mlm import checkpoint, kernels
 from mlm import workdir as workdir_lib
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
 from mlm.errors import ConfigError, DataError, MlmError, WorkdirError
-from mlm.optim import create_optimizer
+from mlm.experiment import Experiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,24 +67,21 @@ def load_predictor(workdir: str) -> Predictor:
             )
     config = workdir_lib.read_config(workdir)
     vocab = load_vocab(vocab_path, config.data.lowercase)
-    model = task.build_model(config)
-    tx = create_optimizer(config.optimizer, config.train.num_steps)
-    init_fn = task.state_initializer(config, model, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = checkpoint.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
+    experiment = Experiment.build(config)  # One device, whatever mesh the run trained on.
     if not checkpoint.has_checkpoint(workdir):
         raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
     # Read only, and past damaged steps as a resume would (leaving them in place).
     manager = checkpoint.open_reader(checkpoint.checkpoint_dir(workdir))
     try:
-        restored = checkpoint.restore_latest_intact(manager, target, report=_report)
+        restored = checkpoint.restore_latest_intact(
+            manager, experiment.restore_target(), report=_report
+        )
     finally:
         manager.close()
     if restored is None:
         raise WorkdirError(f"workdir '{workdir}' has no checkpoint yet; train first")
     state, step = restored
-    infer = jax.jit(functools.partial(task.inference_step, model=model))
+    infer = experiment.inference_step
     ema = state.ema_params is not None
     params = state.ema_params if ema else state.params
     return Predictor(config=config, vocab=vocab, params=params, step=step, infer=infer, ema=ema)

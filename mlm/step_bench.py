@@ -1,6 +1,6 @@
 """Step benchmark: times the real jitted train (or eval) step and reports model FLOPs and MFU.
 
-The step is the one training compiles (`mlm.train.build_steps`: the same shardings and state
+The step is the one training compiles (`mlm.experiment.Experiment`: the same shardings and state
 donation), run on synthetic batches of the configured shapes with random ids and a realistic
 fraction of padding. `python -m mlm.bench --config configs/NAME.py` is the command line.
 """
@@ -23,6 +23,7 @@ import numpy as np
 from mlm import config as config_lib
 from mlm import model_garden_bench, parallel
 from mlm.errors import ConfigError
+from mlm.experiment import Experiment
 from mlm.kernels import cpu_host_memory
 
 # Dense bfloat16 peak FLOP/s per device by `device_kind` substring (vendor data sheets; the
@@ -259,8 +260,6 @@ def bench_step(
       `keep_freed_host_memory` (`mlm.kernels.cpu_host_memory` settings in effect: the command
       line applies them on CPU).
     """
-    from mlm.train import build_steps
-
     _check_arguments(steps, warmup, real_fraction)
     config = config_lib.validate(config)
     mesh = parallel.make_mesh(config.mesh)
@@ -286,9 +285,9 @@ def bench_step(
     real_tokens = [int(batch["input_mask"].sum()) for batch in host_batches]
     device = mesh.devices.flat[0]
     cpu_peaks = [] if table_peak(device.device_kind) else [measure_peak()]
-    built = build_steps(config, mesh)
-    init_fn, train_fn, eval_fn = built.init_fn, built.train_fn, built.eval_fn
-    state = jax.jit(init_fn, out_shardings=built.shardings)(jax.random.PRNGKey(config.train.seed))
+    experiment = Experiment.build(config, mesh)
+    train_fn, eval_fn = experiment.train_step, experiment.eval_step
+    state = experiment.init_state()
     jax.block_until_ready(state)
     start = time.perf_counter()
     if eval_step:
@@ -350,7 +349,7 @@ def bench_step(
         **peak,
         mfu=achieved / peak["peak"],
         peak_memory_bytes=peak_memory_bytes(device),
-        kernels=built.model.kernels.name,
+        kernels=experiment.model.kernels.name,
         cudnn_attention=cudnn_attention,
         keep_freed_host_memory=cpu_host_memory.in_effect(),
     )

@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,9 +26,8 @@ from mlm import workdir as workdir_lib
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
 from mlm.errors import ConfigError, DivergenceError, WorkdirError
+from mlm.experiment import Experiment
 from mlm.metrics import MetricWriter, progress_bar
-from mlm.model import BertForPreTraining
-from mlm.optim import create_optimizer, learning_rate_schedule
 from mlm.preemption import PreemptionWatcher
 
 
@@ -171,72 +170,6 @@ def check_inputs(inputs: Inputs, local_batch_size: int) -> None:
         first_batch(inputs.eval, f"{inputs.source} (eval)", local_batch_size)
 
 
-class Steps(NamedTuple):
-    """What `build_steps` builds for one config and mesh.
-
-    Attributes:
-      model: the flax module, with the kernel set for the mesh's platform (`model.kernels`).
-      abstract: the train state's `jax.ShapeDtypeStruct`s.
-      shardings: the train state's NamedShardings.
-      batch_sharding: the sharding of every batch array.
-      init_fn: rng -> TaskState (jit it with `out_shardings=shardings`).
-      train_fn: the jitted train step (state donated).
-      eval_fn: the jitted eval step.
-    """
-
-    model: BertForPreTraining
-    abstract: task.TaskState
-    shardings: Any
-    batch_sharding: jax.sharding.NamedSharding
-    init_fn: Callable[[jax.Array], task.TaskState]
-    train_fn: Any
-    eval_fn: Any
-
-
-def build_steps(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Steps:
-    """Builds model and optimizer, the abstract state and its shardings, and the step functions.
-
-    The same function serves training, the step benchmark and ahead-of-time compilation
-    (`mlm.aot`), so all three compile the same program.
-
-    Args:
-      config: the validated config.
-      mesh: the device mesh the steps run on (its platform picks `model.kernels=auto`).
-
-    Returns:
-      The Steps.
-    """
-    model = task.build_model(config, mesh)
-    tx = create_optimizer(config.optimizer, config.train.num_steps)
-    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
-    init_fn = task.state_initializer(config, model, tx)
-    abstract = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
-    replicated = parallel.replicated_sharding(mesh)
-    shardings = parallel.state_shardings(abstract, mesh, config.mesh.fsdp_min_size)
-    batch_sharding = parallel.batch_sharding(mesh)
-    train_fn = jax.jit(
-        functools.partial(
-            task.train_step,
-            model=model,
-            tx=tx,
-            schedule=schedule,
-            grad_accum_steps=config.optimizer.grad_accum_steps,
-            dp=privacy.from_config(config),
-            ema_decay=config.optimizer.ema_decay,
-            loss_scale_growth_steps=config.optimizer.loss_scale_growth_steps,
-        ),
-        in_shardings=(shardings, batch_sharding),
-        out_shardings=(shardings, replicated),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        functools.partial(task.eval_step, model=model),
-        in_shardings=(shardings.params, batch_sharding),
-        out_shardings=replicated,
-    )
-    return Steps(model, abstract, shardings, batch_sharding, init_fn, train_fn, eval_fn)
-
-
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str, mode: str = "train_and_eval"
 ) -> dict[str, dict[str, float]]:
@@ -292,11 +225,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             "(data.eval_files, data.tfds_eval_split or data.eval_tfrecord_files)"
         )
     check_inputs(inputs, config.train.global_batch_size // jax.process_count())
-    steps = build_steps(config, mesh)
-    abstract, shardings = steps.abstract, steps.shardings
-    init_fn, train_fn, eval_fn = steps.init_fn, steps.train_fn, steps.eval_fn
+    experiment = Experiment.build(config, mesh)
+    shardings = experiment.shardings
+    train_fn, eval_fn = experiment.train_step, experiment.eval_step
     _report(
-        f"kernels: {steps.model.kernels.name} (model.kernels={config.model.kernels}, "
+        f"kernels: {experiment.model.kernels.name} (model.kernels={config.model.kernels}, "
         f"{kernels.mesh_platform(mesh)} mesh {dict(mesh.shape)})"
     )
     directory = checkpoint.checkpoint_dir(workdir)
@@ -312,7 +245,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             train_iter = iter(
                 prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
             )
-        target = checkpoint.abstract_with_shardings(abstract, shardings)
+        target = experiment.restore_target()
         try:
             restored = checkpoint.restore_latest_intact(
                 manager, target, train_iter, report=_report, move_damaged=mode != "eval"
@@ -327,7 +260,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             moved = workdir_lib.set_aside_previous_run(workdir)
             if moved:
                 _report(f"new run from step 0: the earlier run's files moved to {moved}")
-            state = jax.jit(init_fn, out_shardings=shardings)(jax.random.PRNGKey(config.train.seed))
+            state = experiment.init_state()
             if config.train.init_checkpoint:
                 state = _initialize_from(config, workdir, state, shardings)
         if config.train.best_metric and inputs.eval is not None and mode != "eval":

@@ -10,10 +10,10 @@ from flax import linen as nn
 
 from mlm import config as config_lib
 from mlm import kernels, parallel, task
+from mlm.experiment import Experiment
 from mlm.kernels import cpu, cpu_dropout, standard
 from mlm.model import attention_mask
 from mlm.step_bench import synthetic_batch
-from mlm.train import build_steps
 
 
 @pytest.mark.parametrize(
@@ -147,14 +147,14 @@ def _tiny_config(kernel_set: str):
 def _train(kernel_set: str, num_steps: int, state=None):
     config = _tiny_config(kernel_set)
     mesh = parallel.make_mesh(config.mesh)
-    steps = build_steps(config, mesh)
-    assert steps.model.kernels.name == kernel_set
+    experiment = Experiment.build(config, mesh)
+    assert experiment.model.kernels.name == kernel_set
     if state is None:
-        state = jax.jit(steps.init_fn)(jax.random.PRNGKey(0))
+        state = experiment.init_state(seed=0)
     batch = synthetic_batch(np.random.default_rng(7), 8, 32, 5, 96, 0.8)
     losses = []
     for _ in range(num_steps):  # One batch again and again: the loss must fall.
-        state, logs = steps.train_fn(state, parallel.global_batch(batch, mesh))
+        state, logs = experiment.train_step(state, parallel.global_batch(batch, mesh))
         losses.append(float(logs["loss"]))
     return state, losses
 
