@@ -394,11 +394,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{opt.name}'",
     )
     _require(opt.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
-    _require(
-        0 <= opt.warmup_steps <= train.num_steps,
-        f"optimizer.warmup_steps ({opt.warmup_steps}) must be between 0 and train.num_steps "
-        f"({train.num_steps}); lower it when shortening a run",
-    )
+    _require(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
     _require(
         opt.grad_accum_steps >= 1,
         f"optimizer.grad_accum_steps must be >= 1, got {opt.grad_accum_steps}",
@@ -538,6 +534,28 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     _check_values(config)
     config.lock()
     return config
+
+
+def warnings_for(config: ml_collections.ConfigDict) -> list[str]:
+    """What a valid config does that its author may not expect, one line each.
+
+    Args:
+      config: a validated config.
+
+    Returns:
+      Lines to show before the run starts (empty when there is nothing to say).
+    """
+    found = []
+    opt, num_steps = config.optimizer, config.train.num_steps
+    if opt.warmup_steps > num_steps:
+        reached = opt.learning_rate * num_steps / opt.warmup_steps
+        found.append(
+            f"optimizer.warmup_steps ({opt.warmup_steps}) is more than train.num_steps "
+            f"({num_steps}): the run ends in its warmup, at learning rate {reached:.3g} "
+            f"({num_steps / opt.warmup_steps:.0%} of optimizer.learning_rate); lower "
+            "optimizer.warmup_steps for a full schedule"
+        )
+    return found
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:

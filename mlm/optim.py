@@ -26,7 +26,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
 
     For step < warmup_steps the rate is `decayed(warmup_steps) * step / warmup_steps`; from
     `warmup_steps` on it is the polynomial decay (counted from step 0); after `num_steps` it stays
-    at `end_learning_rate`.
+    at `end_learning_rate`. A warmup longer than the run ramps towards `learning_rate` and never
+    ends (as Hugging Face's linear warmup does; ramping to `decayed(warmup_steps)`, which is
+    `end_learning_rate` there, would keep the rate near zero for the whole run).
 
     Args:
       config: the `optimizer` config section.
@@ -48,7 +50,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
     )
     if warmup_steps == 0:
         return decay
-    warmup = optax.linear_schedule(0.0, decay(warmup_steps), transition_steps=warmup_steps)
+    peak = decay(warmup_steps) if warmup_steps <= num_steps else config.learning_rate
+    warmup = optax.linear_schedule(0.0, peak, transition_steps=warmup_steps)
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         return jnp.where(step < warmup_steps, warmup(step), decay(step))

@@ -191,6 +191,9 @@ def train_and_evaluate(
         raise ConfigError(f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'")
     config = config_lib.validate(config)
     privacy.require_accountant(config)
+    if mode != "eval":
+        for line in config_lib.warnings_for(config):
+            _report(f"warning: {line}")
     workdir_lib.check_path(workdir)
     if mode == "eval" and not checkpoint.has_checkpoint(workdir):
         raise WorkdirError(

@@ -96,6 +96,11 @@ def first_updates(config: ml_collections.ConfigDict, params: dict, grads: dict) 
             dict(warmup_steps=0),
             {0: 1e-3, 5: 9.505e-4, 10: 9.01e-4, 50: 5.05e-4, 100: 1e-5, 150: 1e-5},
         ),
+        # A warmup longer than the run ramps towards learning_rate and never ends.
+        (
+            dict(warmup_steps=200),
+            {0: 0.0, 5: 2.5e-5, 50: 2.5e-4, 100: 5e-4, 150: 7.5e-4},
+        ),
     ],
 )
 def test_learning_rate_schedule_values(overrides, expected):

@@ -420,6 +420,22 @@ def restore_state(workdir, config, step):
     return state
 
 
+def test_a_run_shorter_than_its_warmup_warns_and_trains_in_the_warmup(tmp_path, capfd):
+    config = tiny_config()
+    config.train.update(num_steps=3, log_every=3, eval_every=0, checkpoint_every=3)
+    config.optimizer.update(warmup_steps=30)
+    workdir = str(tmp_path / "short")
+    results = train_and_evaluate(config, workdir)
+    err = capfd.readouterr().err
+    assert (
+        "warning: optimizer.warmup_steps (30) is more than train.num_steps (3): the run ends in "
+        "its warmup, at learning rate 0.0005 (10% of optimizer.learning_rate); lower "
+        "optimizer.warmup_steps for a full schedule"
+    ) in err.splitlines()
+    # The rate of the last update (step 3 applies schedule(2)): on the ramp towards 5e-3.
+    np.testing.assert_allclose(results["train"]["learning_rate"], 5e-3 * 2 / 30, rtol=1e-6)
+
+
 def test_ema_run_evaluates_and_fills_masks_with_the_ema_params(trained, tmp_path, capfd):
     import jax
 
