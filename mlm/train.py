@@ -229,7 +229,6 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         )
     check_inputs(inputs, config.train.global_batch_size // jax.process_count())
     experiment = Experiment.build(config, mesh)
-    shardings = experiment.shardings
     train_fn, eval_fn = experiment.train_step, experiment.eval_step
     _report(
         f"kernels: {experiment.model.kernels.name} (model.kernels={config.model.kernels}, "
@@ -248,24 +247,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             train_iter = iter(
                 prefetch(inputs.train, config.data.num_workers, config.data.prefetch_batches)
             )
-        target = experiment.restore_target()
-        try:
-            restored = checkpoint.restore_latest_intact(
-                manager, target, train_iter, report=_report, move_damaged=mode != "eval"
-            )
-        except checkpoint.StateMismatchError as error:
-            raise workdir_lib.state_mismatch(error, previous_config, config) from None
-        if restored is not None:
-            state, latest = restored
-            _report(f"resumed from {workdir}/checkpoints step {latest}")
-        else:
-            latest = 0
-            moved = workdir_lib.set_aside_previous_run(workdir)
-            if moved:
-                _report(f"new run from step 0: the earlier run's files moved to {moved}")
-            state = experiment.init_state()
-            if config.train.init_checkpoint:
-                state = _initialize_from(config, workdir, state, shardings)
+        state, latest = _restore_or_start(
+            experiment, workdir, manager, train_iter, mode, previous_config
+        )
         if config.train.best_metric and inputs.eval is not None and mode != "eval":
             best_manager = checkpoint.make_best_manager(
                 os.path.join(workdir, checkpoint.BEST_DIRNAME), config.train.best_metric
@@ -360,12 +344,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         results["train"] = logger.last_metrics
         if config.privacy.enabled:
             results["train"].update(_privacy_metrics(config, last))
-            _report(
-                f"privacy: epsilon {results['train']['privacy_epsilon']:.4g} at delta "
-                f"{config.privacy.delta:g} after {last} steps (sampling rate "
-                f"{privacy.sampling_rate(config):.4g}, noise multiplier "
-                f"{config.privacy.noise_multiplier:g}, RDP accountant)"
-            )
+            _report(_privacy_summary(config, last, results["train"]["privacy_epsilon"]))
         return results
     except BaseException as error:
         pending = error
@@ -374,6 +353,52 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         if bar is not None:
             bar.close()  # So an error message starts on its own line.
         _close(manager, best_manager, writer, pending)
+
+
+def _restore_or_start(
+    experiment: Experiment,
+    workdir: str,
+    manager: Any,
+    train_iter: Iterator | None,
+    mode: str,
+    previous_config: ml_collections.ConfigDict | None,
+) -> tuple[task.TaskState, int]:
+    """The state to go on from: the latest intact checkpoint, else a new (or initialized) one.
+
+    Returns:
+      (state, the step it was saved at, or 0 for a new run).
+    """
+    config = experiment.config
+    try:
+        restored = checkpoint.restore_latest_intact(
+            manager,
+            experiment.restore_target(),
+            train_iter,
+            report=_report,
+            move_damaged=mode != "eval",
+        )
+    except checkpoint.StateMismatchError as error:
+        raise workdir_lib.state_mismatch(error, previous_config, config) from None
+    if restored is not None:
+        state, latest = restored
+        _report(f"resumed from {workdir}/checkpoints step {latest}")
+        return state, latest
+    moved = workdir_lib.set_aside_previous_run(workdir)
+    if moved:
+        _report(f"new run from step 0: the earlier run's files moved to {moved}")
+    state = experiment.init_state()
+    if config.train.init_checkpoint:
+        state = _initialize_from(config, workdir, state, experiment.shardings)
+    return state, 0
+
+
+def _privacy_summary(config: ml_collections.ConfigDict, steps: int, epsilon: float) -> str:
+    """The line that reports a private run's privacy guarantee."""
+    return (
+        f"privacy: epsilon {epsilon:.4g} at delta {config.privacy.delta:g} after {steps} steps "
+        f"(sampling rate {privacy.sampling_rate(config):.4g}, noise multiplier "
+        f"{config.privacy.noise_multiplier:g}, RDP accountant)"
+    )
 
 
 def _close(
