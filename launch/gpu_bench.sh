@@ -62,7 +62,7 @@ for run in "${runs[@]}"; do
   read -r name config batch seq preds <<<"$run"
   for attention_dropout in 0.0 0.1; do
     echo "== $name seq $seq batch $batch bfloat16, standard kernels, attention dropout $attention_dropout" >&2
-    printed=$(python -m mlm.bench --config "$config" --steps "$steps" --warmup 3 \
+    printed=$(python -m mlm.bench step --config "$config" --steps "$steps" --warmup 3 \
       --config.model.dtype=bfloat16 --config.model.kernels=standard \
       --config.model.attention_dropout_rate="$attention_dropout" \
       --config.train.global_batch_size="$batch" --config.data.seq_length="$seq" \

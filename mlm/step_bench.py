@@ -2,17 +2,22 @@
 
 The step is the one training compiles (`mlm.experiment.Experiment`: the same shardings and state
 donation), run on synthetic batches of the configured shapes with random ids and a realistic
-fraction of padding. `python -m mlm.bench --config configs/NAME.py` is the command line.
+fraction of padding. `bench_step_with_reference` also times TF Model Garden's train step on the
+same batches, with the repository's standalone script `benchmarks/model_garden_step.py` run in a
+Python of its own. `python -m mlm.bench step --config configs/NAME.py` is the command line.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import os
 import statistics
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -21,7 +26,7 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm import model_garden_bench, parallel
+from mlm import parallel
 from mlm.errors import ConfigError
 from mlm.experiment import Experiment
 from mlm.kernels import cpu_host_memory
@@ -48,6 +53,8 @@ CUDNN_ATTENTION_TARGET = "__cudnn$fmha"
 # Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
 # built-in corpus at seq 128 (docs/concepts.md); `--real_fraction` changes it.
 DEFAULT_REAL_FRACTION = 0.94
+# Distinct synthetic batches a step benchmark cycles through (already on the devices).
+NUM_BATCHES = 4
 
 
 def model_flops_per_token(
@@ -121,17 +128,61 @@ def synthetic_batch(
       `position_ids` int32 [B, S]; `masked_lm_positions`, `masked_lm_ids` int32 [B, P];
       `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
     """
-    # One rule for both sides: Model Garden's script holds it, since it may not import mlm.
-    features = model_garden_bench.synthetic_batch(
-        rng, batch_size, seq_length, max_predictions, vocab_size, real_fraction, masking_rate
-    )
+    low = max(2, math.ceil(seq_length * (2 * real_fraction - 1)))
+    lengths = rng.integers(low, seq_length + 1, size=batch_size)
     positions = np.arange(seq_length, dtype=np.int32)
+    real = (positions[None, :] < lengths[:, None]).astype(np.int32)
+    word_ids = rng.integers(5, vocab_size, size=(batch_size, seq_length), dtype=np.int32) * real
+    word_ids[:, 0] = 2
+    type_ids = ((positions[None, :] >= lengths[:, None] // 2) * real).astype(np.int32)
+    masked_positions = np.zeros((batch_size, max_predictions), np.int32)
+    weights = np.zeros((batch_size, max_predictions), np.float32)
+    for row, length in enumerate(lengths):
+        count = min(max_predictions, max(1, round(masking_rate * length)))
+        chosen = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
+        masked_positions[row, :count] = chosen
+        weights[row, :count] = 1.0
+    masked_ids = rng.integers(5, vocab_size, size=(batch_size, max_predictions)) * (weights > 0)
     return {
-        **features,
-        "packed_segment_ids": features["input_mask"].copy(),
+        "input_word_ids": word_ids,
+        "input_mask": real,
+        "input_type_ids": type_ids,
+        "packed_segment_ids": real.copy(),
         "position_ids": np.broadcast_to(positions, (batch_size, seq_length)).copy(),
-        "next_sentence_labels": features["next_sentence_labels"][:, 0],
+        "masked_lm_positions": masked_positions,
+        "masked_lm_ids": masked_ids.astype(np.int32),
+        "masked_lm_weights": weights,
+        "next_sentence_labels": rng.integers(0, 2, size=batch_size, dtype=np.int32),
     }
+
+
+def synthetic_batches(
+    config: ml_collections.ConfigDict, real_fraction: float, num_batches: int
+) -> list[dict[str, np.ndarray]]:
+    """The step benchmark's `num_batches` host batches for a config, the same on every call.
+
+    Args:
+      config: a validated config: its batch size, data shapes, vocab size and `train.seed`.
+      real_fraction: as for `synthetic_batch`.
+      num_batches: batches drawn in turn from one generator seeded with `train.seed`.
+
+    Returns:
+      The batches (`synthetic_batch`).
+    """
+    data = config.data
+    rng = np.random.default_rng(config.train.seed)
+    return [
+        synthetic_batch(
+            rng,
+            config.train.global_batch_size,
+            data.seq_length,
+            data.max_predictions_per_seq,
+            config.model.vocab_size,
+            real_fraction,
+            data.masking_rate,
+        )
+        for _ in range(num_batches)
+    ]
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -224,14 +275,14 @@ def bench_step(
     warmup: int = 3,
     eval_step: bool = False,
     real_fraction: float = DEFAULT_REAL_FRACTION,
-    num_batches: int = 4,
+    num_batches: int = NUM_BATCHES,
     measure_peak: Callable[[], float] = measure_matmul_peak,
     interleave: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Compiles the configured train (or eval) step and times it on synthetic batches.
 
     Each timed step runs until its outputs are ready; `num_batches` different batches, already
-    on the devices, are used in turn (input cost is excluded: see `--input-only`). Without a
+    on the devices, are used in turn (input cost is excluded: see `mlm.bench input`). Without a
     table peak (CPU), the matmul peak is measured before and after the steps and the larger
     counts, so a moment of load from other processes does not lower it.
 
@@ -268,19 +319,7 @@ def bench_step(
     )
     data = config.data
     batch_size, seq_length = config.train.global_batch_size, data.seq_length
-    rng = np.random.default_rng(config.train.seed)
-    host_batches = [
-        synthetic_batch(
-            rng,
-            batch_size,
-            seq_length,
-            data.max_predictions_per_seq,
-            config.model.vocab_size,
-            real_fraction,
-            data.masking_rate,
-        )
-        for _ in range(num_batches)
-    ]
+    host_batches = synthetic_batches(config, real_fraction, num_batches)
     batches = [parallel.global_batch(batch, mesh) for batch in host_batches]
     real_tokens = [int(batch["input_mask"].sum()) for batch in host_batches]
     device = mesh.devices.flat[0]
@@ -355,44 +394,93 @@ def bench_step(
     )
 
 
+# Model Garden's side of the comparison is a script of the repository, not of the package: it
+# may not import mlm, and it runs in a venv of its own (TensorFlow, tf-models-official).
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_GARDEN_SCRIPT = os.path.join("benchmarks", "model_garden_step.py")
+# The features Model Garden's MaskedLMTask reads: what `write_model_garden_batches` stores.
+MODEL_GARDEN_FEATURES = (
+    "input_word_ids",
+    "input_mask",
+    "input_type_ids",
+    "masked_lm_positions",
+    "masked_lm_ids",
+    "masked_lm_weights",
+    "next_sentence_labels",
+)
+
+
+def model_garden_script(repository: str | None = None) -> str:
+    """Returns the path of Model Garden's step benchmark, `benchmarks/model_garden_step.py`.
+
+    Args:
+      repository: the directory holding the `mlm` package and `benchmarks/`; None: REPOSITORY,
+        the parent of this package's directory (a clone, or an editable install of one).
+
+    Raises:
+      ConfigError: the script is not there (`mlm` installed without its repository).
+    """
+    path = os.path.join(repository or REPOSITORY, MODEL_GARDEN_SCRIPT)
+    if not os.path.isfile(path):
+        raise ConfigError(
+            f"--model-garden-python: the Model Garden script '{path}' does not exist (mlm is "
+            "installed without its repository); run from a clone of the repository, installed "
+            "with pip install -e ."
+        )
+    return path
+
+
+def write_model_garden_batches(path: str, batches: Sequence[dict[str, np.ndarray]]) -> None:
+    """Writes batches for the Model Garden script's `--batches FILE`.
+
+    Args:
+      path: the `.npz` file to write.
+      batches: batches in the contract's format (`synthetic_batches`); the features Model
+        Garden reads (MODEL_GARDEN_FEATURES) are stored, each stacked over the batches.
+    """
+    arrays = {name: np.stack([batch[name] for batch in batches]) for name in MODEL_GARDEN_FEATURES}
+    np.savez(path, **arrays)
+
+
 def model_garden_command(
     python: str,
     config: ml_collections.ConfigDict,
     *,
     steps: int,
     warmup: int,
-    real_fraction: float,
+    batches_path: str,
 ) -> list[str]:
-    """The command that runs `mlm/model_garden_bench.py` on the config's model and shapes.
+    """The command that runs `benchmarks/model_garden_step.py` on the config's model.
 
     Args:
       python: a Python with tf-models-official installed (its own venv).
-      config: the validated config; model dimensions, dropout, batch shapes and seed are passed.
-      steps, warmup, real_fraction: as for `bench_step`.
+      config: the validated config; model dimensions, dropout, the next-sentence head and the
+        seed are passed.
+      steps, warmup: as for `bench_step`.
+      batches_path: the batches (`write_model_garden_batches`); their shapes are the step's.
 
     Returns:
       The argv list.
+
+    Raises:
+      ConfigError: the script is missing (`model_garden_script`).
     """
-    model, data = config.model, config.data
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_garden_bench.py")
+    model = config.model
     values = dict(
+        batches=batches_path,
         vocab_size=model.vocab_size,
         hidden_size=model.hidden_size,
         num_layers=model.num_layers,
         num_heads=model.num_heads,
         intermediate_size=model.intermediate_size,
-        seq_length=data.seq_length,
-        batch_size=config.train.global_batch_size,
-        max_predictions=data.max_predictions_per_seq,
         steps=steps,
         warmup=warmup,
         seed=config.train.seed,
-        next_sentence=int(data.use_next_sentence_label),
-        real_fraction=real_fraction,
-        masking_rate=data.masking_rate,
+        next_sentence=int(config.data.use_next_sentence_label),
         dropout_rate=model.dropout_rate,
         attention_dropout_rate=model.attention_dropout_rate,
     )
+    script = model_garden_script()
     return [python, script, *(f"--{name}={value}" for name, value in values.items())]
 
 
@@ -419,3 +507,77 @@ def run_model_garden(command: list[str], timeout_s: float = 1800) -> dict[str, A
             "Python's venv"
         )
     return json.loads(lines[-1])
+
+
+def bench_step_with_reference(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    warmup: int,
+    eval_step: bool,
+    real_fraction: float,
+    model_garden_python: str | None,
+) -> dict[str, Any]:
+    """`bench_step`, plus Model Garden's train step timed between its two halves.
+
+    Model Garden's script reads the very batches ours is timed on (`synthetic_batches`, written
+    to a temporary `.npz`).
+
+    Args:
+      config: the benchmark config.
+      steps, warmup, eval_step, real_fraction: as for `bench_step`.
+      model_garden_python: a Python with tf-models-official, or None for ours alone.
+
+    Returns:
+      The `bench_step` record; with Model Garden also `model_garden` (its record),
+      `model_garden_tokens_per_s` and `speedup` (our tokens/s over Model Garden's).
+    """
+    config = config_lib.validate(copy.deepcopy(config))
+    if model_garden_python is None:
+        return bench_step(
+            config, steps=steps, warmup=warmup, eval_step=eval_step, real_fraction=real_fraction
+        )
+    if eval_step:
+        raise ConfigError("--model-garden-python compares train steps; drop --eval")
+    reference: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mlm_bench_model_garden_") as scratch:
+        batches_path = os.path.join(scratch, "batches.npz")
+        command = model_garden_command(
+            model_garden_python, config, steps=steps, warmup=warmup, batches_path=batches_path
+        )
+        write_model_garden_batches(
+            batches_path, synthetic_batches(config, real_fraction, NUM_BATCHES)
+        )
+        record = bench_step(
+            config,
+            steps=steps,
+            warmup=warmup,
+            real_fraction=real_fraction,
+            num_batches=NUM_BATCHES,
+            interleave=lambda: reference.update(run_model_garden(command)),
+        )
+    record["model_garden"] = reference
+    record["model_garden_tokens_per_s"] = reference["tokens_per_s"]
+    record["speedup"] = record["tokens_per_s"] / reference["tokens_per_s"]
+    return record
+
+
+def format_step(record: dict[str, Any]) -> str:
+    """One human-readable line for a step benchmark record."""
+    memory = record["peak_memory_bytes"]
+    text = (
+        f"{record['mode']} step ({record['kernels']} kernels) on {record['num_devices']} x "
+        f"{record['device_kind']}: "
+        f"{record['step_time_s'] * 1000:.1f} ms (median of {record['steps']}), "
+        f"{record['tokens_per_s']:,.0f} non-pad tokens/s, compile {record['compile_s']:.1f} s, "
+        f"MFU {record['mfu']:.1%} of {record['peak'] / 1e12:.3f} TFLOP/s "
+        f"({record['peak_source']})"
+        + (f", peak memory {memory / 2**30:.2f} GiB" if memory is not None else "")
+        + (", cuDNN attention" if record.get("cudnn_attention") else "")
+    )
+    if "speedup" in record:
+        text += (
+            f"; Model Garden {record['model_garden_tokens_per_s']:,.0f} tokens/s "
+            f"({record['model_garden']['step_time_s'] * 1000:.1f} ms): {record['speedup']:.2f}x"
+        )
+    return text

@@ -1,4 +1,4 @@
-"""Tests for mlm.bench: input-pipeline records, the per-length config, and the command line."""
+"""Tests for mlm.bench: the subcommands, their help, old spellings, memory and checkpoint cost."""
 
 import json
 import os
@@ -8,97 +8,9 @@ import sys
 import pytest
 
 from mlm import bench
-from mlm import config as config_lib
 from mlm import config_file as config_file_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEQ_LENGTHS = (32, 64)
-SENTENCES = [
-    "the quick brown fox jumps over the lazy dog.",
-    "a stitch in time saves nine stitches later.",
-    "every good boy does fine on the long test.",
-    "the rain in spain falls mainly on the plain.",
-    "she sells sea shells by the sea shore today.",
-]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> str:
-    """A text file in the BERT layout: 60 documents of 4 sentences."""
-    lines = []
-    for index in range(60):
-        lines.extend(SENTENCES[(index + k) % len(SENTENCES)] for k in range(4))
-        lines.append("")
-    path = tmp_path_factory.mktemp("corpus") / "train.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return str(path)
-
-
-def tiny_config(corpus: str, **data):
-    config = config_lib.base_config()
-    config.model.update(vocab_size=200, max_position_embeddings=32)
-    config.data.update(train_files=corpus, use_next_sentence_label=False)
-    config.data.update(**data)
-    config.train.update(global_batch_size=4)
-    return config
-
-
-@pytest.mark.parametrize("next_sentence", [False, True])
-def test_bench_input_gives_one_record_per_length(corpus, tmp_path, next_sentence):
-    config = tiny_config(corpus, use_next_sentence_label=next_sentence)
-    records = bench.bench_input(
-        config, str(tmp_path), seq_lengths=SEQ_LENGTHS, num_batches=3, warmup_batches=1
-    )
-    assert [r["seq_length"] for r in records] == list(SEQ_LENGTHS)
-    assert [r["max_predictions_per_seq"] for r in records] == [5, 10]  # round(0.15 * S)
-    assert [r["vocab_built"] for r in records] == [True, False]  # the workdir is reused
-    for record in records:
-        assert record["source"] == "data.train_files"
-        assert record["next_sentence"] is next_sentence
-        assert record["batch_size"] == 4
-        assert record["setup_s"] > 0 and record["ms_per_batch"] > 0
-        assert record["cpu_ms_per_batch"] >= 0
-        assert record["examples_per_s"] > 0 and record["real_tokens_per_s"] > 0
-        expected = record["examples_per_s"] * record["seq_length"]
-        assert record["tokens_per_s"] == pytest.approx(expected, rel=1e-9)
-        assert 0 < record["real_token_fraction"] <= 1
-        assert record["real_tokens_per_s"] == pytest.approx(
-            record["tokens_per_s"] * record["real_token_fraction"], rel=1e-9
-        )
-        assert 0 < record["masked_per_example"] <= record["max_predictions_per_seq"]
-        assert record["vocab_size"] <= 200
-    assert config.data.seq_length == 128  # the caller's config is left alone
-    table = bench.format_table(records)
-    assert "examples/s" in table and len(table.splitlines()) == 2 + len(SEQ_LENGTHS)
-
-
-def test_bench_input_without_lengths_uses_the_config(corpus, tmp_path):
-    config = tiny_config(corpus, seq_length=32, max_predictions_per_seq=3)
-    (record,) = bench.bench_input(config, str(tmp_path), num_batches=2, warmup_batches=0)
-    assert (record["seq_length"], record["max_predictions_per_seq"]) == (32, 3)
-
-
-def test_bench_input_with_worker_processes(corpus, tmp_path):
-    config = tiny_config(corpus, num_workers=2, prefetch_batches=1)
-    (record,) = bench.bench_input(
-        config, str(tmp_path), seq_lengths=(32,), num_batches=3, warmup_batches=2
-    )
-    assert record["num_workers"] == 2 and record["thread_prefetch"] == 1
-    assert record["examples_per_s"] > 0
-
-
-def test_bert_max_predictions_and_positions():
-    assert bench.max_predictions_for(128, 0.15) == 20
-    assert bench.max_predictions_for(512, 0.15) == 76
-    assert bench.max_predictions_for(256, 0.15) == 38
-    config = bench.config_for_seq_length(config_lib.base_config(), 1024)
-    assert config.model.max_position_embeddings == 1024
-    assert config.data.max_predictions_per_seq == 154
-
-
-def test_bad_arguments_are_config_errors(corpus, tmp_path):
-    with pytest.raises(config_lib.ConfigError, match="--num_batches"):
-        bench.bench_input(tiny_config(corpus), str(tmp_path), num_batches=0)
 
 
 def run_cli(*args):
@@ -111,16 +23,23 @@ def run_cli(*args):
     )
 
 
-def test_cli_prints_the_table_and_writes_json_lines(corpus, tmp_path):
+def json_lines(stdout: str, count: int) -> list[dict]:
+    """The last `count` lines of a command's stdout, each a JSON record."""
+    return [json.loads(line) for line in stdout.strip().splitlines()[-count:]]
+
+
+# The new spelling and the old flag run the same benchmark.
+@pytest.mark.parametrize("spelling", ["input", "--input-only"])
+def test_cli_prints_the_table_and_writes_json_lines(bench_corpus, tmp_path, spelling):
     out = tmp_path / "bench.jsonl"
     result = run_cli(
-        "--input-only",
+        spelling,
         "--seq_lengths=32,64",
         "--num_batches=2",
         "--warmup_batches=1",
         f"--workdir={tmp_path / 'work'}",
         f"--json_out={out}",
-        f"--config.data.train_files={corpus}",
+        f"--config.data.train_files={bench_corpus}",
         "--config.model.vocab_size=200",
         "--config.train.global_batch_size=4",
     )
@@ -128,23 +47,49 @@ def test_cli_prints_the_table_and_writes_json_lines(corpus, tmp_path):
     assert "data.train_files, NSP on" in result.stdout
     assert "real tokens/s" in result.stdout
     records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert json_lines(result.stdout, 2) == records
     assert [r["seq_length"] for r in records] == [32, 64]
     assert all(r["examples_per_s"] > 0 for r in records)
 
 
+# Each subcommand's flags; --config and --json_out are everyone's.
+FLAGS = {
+    "step": ["--steps", "--warmup", "--[no]eval", "--real_fraction", "--model-garden-python"],
+    "input": ["--seq_lengths", "--num_batches", "--warmup_batches", "--workdir"],
+    "memory": [],
+    "checkpoint": ["--repeats"],
+}
+
+
+@pytest.mark.parametrize("subcommand", [None, *FLAGS])
+def test_cli_help_is_short_and_names_only_its_flags(subcommand):
+    result = run_cli(*([subcommand] if subcommand else []), "--help")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) < 40
+    assert "vocab_size" not in result.stdout  # No config dumped, one line a field.
+    if subcommand is None:
+        assert all(f"  {name}  " in result.stdout for name in FLAGS)
+        return
+    assert lines[0].startswith(f"python -m mlm.bench {subcommand}: ")
+    flag_lines = [line.split(":")[0].strip() for line in lines if line.startswith("  --")]
+    assert sorted(flag_lines) == sorted(["--config", "--json_out", *FLAGS[subcommand]])
+
+
 @pytest.mark.parametrize(
-    "args, message",
+    "argv, subcommand, rest",
     [
-        (["--input-only", "--config.data.seq_lenght=64"], "did you mean"),
-        (["--config", "configs/quickstart.py", "--steps=0"], "--steps"),
-        (["--config", "configs/quickstart.py", "--eval", "--model-garden-python=python"], "--eval"),
+        (["--config", "c.py"], None, ["--config", "c.py"]),
+        (["memory", "--config", "c.py"], "memory", ["--config", "c.py"]),
+        (["--input-only", "--seq_lengths=32"], "input", ["--seq_lengths=32"]),
+        (["--config=c.py", "--state-memory"], "memory", ["--config=c.py"]),
+        (["--checkpoint-cost=true", "--json_out=o"], "checkpoint", ["--json_out=o"]),
+        (["--noinput-only", "--steps=2"], None, ["--steps=2"]),
+        (["--input-only=false", "--state-memory"], "memory", []),
     ],
 )
-def test_cli_mistakes_exit_2_with_one_line(args, message):
-    result = run_cli(*args)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+def test_old_flags_select_their_subcommand(argv, subcommand, rest):
+    assert bench.split_subcommand(["bench", *argv]) == (subcommand, ["bench", *rest])
 
 
 def test_cli_step_benchmark_prints_one_json_line_last(tmp_path):
@@ -177,13 +122,15 @@ def test_state_memory_is_split_by_fsdp(tmp_path):
     out = tmp_path / "memory.jsonl"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     records = {}
-    for fsdp in (1, 8):
+    # The old flag and the subcommand: the same benchmark, the same record. The second runs
+    # where there is no configs/ folder: `configs/bert_tiny.py` is the shipped config.
+    for fsdp, spelling in ((1, "--state-memory"), (8, "memory")):
         result = subprocess.run(
-            [sys.executable, "-m", "mlm.bench", "--state-memory"]
+            [sys.executable, "-m", "mlm.bench", spelling]
             + ["--config", "configs/bert_tiny.py", f"--config.mesh.fsdp={fsdp}"]
             + ["--config.mesh.fsdp_min_size=1024"]
             + [f"--json_out={out}"],
-            cwd=ROOT,
+            cwd=ROOT if fsdp == 1 else tmp_path,
             env=env,
             capture_output=True,
             text=True,
@@ -191,6 +138,7 @@ def test_state_memory_is_split_by_fsdp(tmp_path):
         )
         assert result.returncode == 0, result.stderr[-2000:]
         records[fsdp] = json.loads(out.read_text().splitlines()[-1])
+        assert json_lines(result.stdout, 1) == [records[fsdp]]
     assert records[1]["mesh"] == {"data": 8, "fsdp": 1}
     assert records[1]["max_device_bytes"] == records[1]["state_bytes"]  # Replicated.
     assert records[8]["state_bytes"] == records[1]["state_bytes"]
@@ -206,3 +154,24 @@ def test_checkpoint_cost_times_async_and_blocking_saves(tmp_path):
     assert 0 < record["async_blocking_s"] <= record["async_total_s"]
     assert record["blocking_s"] > 0
     assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["2"]  # keep=1
+
+
+def test_cli_checkpoint_cost_old_flag_prints_the_record():
+    result = run_cli(
+        "--checkpoint-cost",
+        "--repeats=1",
+        "--config",
+        "configs/quickstart.py",
+        "--config.model.vocab_size=500",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-2].startswith("state ")
+    (record,) = json_lines(result.stdout, 1)
+    assert set(record) == {
+        "state_bytes",
+        "repeats",
+        "async_blocking_s",
+        "async_total_s",
+        "blocking_s",
+    }
+    assert record["repeats"] == 1 and 0 < record["async_blocking_s"] <= record["async_total_s"]

@@ -1,6 +1,7 @@
 """Tests for mlm.step_bench: the FLOP formula, synthetic batches, peaks and the step record."""
 
-import math
+import importlib.util
+import os
 import sys
 
 import ml_collections
@@ -10,6 +11,9 @@ import pytest
 from mlm import config as config_lib
 from mlm import step_bench
 from mlm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_GARDEN_SCRIPT = os.path.join(ROOT, "benchmarks", "model_garden_step.py")
 
 
 def tiny_config(next_sentence: bool = True) -> ml_collections.ConfigDict:
@@ -65,6 +69,7 @@ def test_synthetic_batch_shapes_padding_and_masks():
     assert ((batch["input_word_ids"] == 0) == (mask == 0)).all()
     assert (batch["input_word_ids"] < 1000).all()
     assert (batch["packed_segment_ids"] == mask).all()
+    assert batch["next_sentence_labels"].shape == (64,)
     for row in range(64):
         count = int(batch["masked_lm_weights"][row].sum())
         assert count == min(20, max(1, round(0.15 * lengths[row])))
@@ -136,25 +141,79 @@ def test_bad_arguments_are_config_errors(kwargs, message):
         step_bench.bench_step(tiny_config(), **kwargs)
 
 
-def test_model_garden_command_passes_the_model_and_shapes():
+def load_model_garden_script():
+    """The Model Garden script as a module (its functions need numpy only)."""
+    spec = importlib.util.spec_from_file_location("model_garden_step", MODEL_GARDEN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_model_garden_command_passes_the_model_and_the_batches():
     config = config_lib.validate(tiny_config(next_sentence=False))
     command = step_bench.model_garden_command(
-        "python3", config, steps=5, warmup=2, real_fraction=0.9
+        "python3", config, steps=5, warmup=2, batches_path="/tmp/b.npz"
     )
-    assert command[0] == "python3" and command[1].endswith("mlm/model_garden_bench.py")
+    assert command[:2] == ["python3", MODEL_GARDEN_SCRIPT]
     args = dict(arg[2:].split("=") for arg in command[2:])
     assert args["hidden_size"] == "8" and args["num_layers"] == "2"
     assert args["vocab_size"] == "50" and args["intermediate_size"] == "16"
-    assert args["seq_length"] == "16" and args["batch_size"] == "4"
-    assert args["max_predictions"] == "3" and args["next_sentence"] == "0"
-    assert math.isclose(float(args["real_fraction"]), 0.9)
+    assert args["batches"] == "/tmp/b.npz" and args["next_sentence"] == "0"
+    assert (args["steps"], args["warmup"], args["seed"]) == ("5", "2", "42")
 
 
-def test_model_garden_failure_is_one_config_error():
+@pytest.mark.parametrize("next_sentence", [True, False])
+def test_model_garden_script_reads_the_batches_ours_are_timed_on(tmp_path, next_sentence):
+    script = load_model_garden_script()
+    assert script.FEATURES == step_bench.MODEL_GARDEN_FEATURES
+    config = config_lib.validate(tiny_config())
+    batches = step_bench.synthetic_batches(config, 0.9, 3)
+    path = str(tmp_path / "batches.npz")
+    step_bench.write_model_garden_batches(path, batches)
+    theirs = script.read_batches(path, next_sentence)
+    assert len(theirs) == 3
+    for ours, batch in zip(batches, theirs, strict=True):
+        names = set(script.FEATURES) - (set() if next_sentence else {"next_sentence_labels"})
+        assert set(batch) == names
+        for name in names:
+            expected = ours[name].reshape(batch[name].shape)
+            assert batch[name].dtype == expected.dtype and (batch[name] == expected).all()
+        if next_sentence:
+            assert batch["next_sentence_labels"].shape == (4, 1)  # Model Garden's shape.
+
+
+def test_synthetic_batches_are_the_same_on_every_call():
+    config = config_lib.validate(tiny_config())
+    first, second = (step_bench.synthetic_batches(config, 0.9, 2) for _ in range(2))
+    for a, b in zip(first, second, strict=True):
+        assert all((a[name] == b[name]).all() for name in a)
+    assert not (first[0]["input_word_ids"] == first[1]["input_word_ids"]).all()
+
+
+def test_missing_model_garden_script_is_one_line_config_error(tmp_path, monkeypatch):
+    # An installed mlm without its repository: no benchmarks/ next to the package.
+    monkeypatch.setattr(step_bench, "REPOSITORY", str(tmp_path))
+    with pytest.raises(ConfigError) as error:
+        step_bench.bench_step_with_reference(
+            tiny_config(),
+            steps=1,
+            warmup=0,
+            eval_step=False,
+            real_fraction=0.9,
+            model_garden_python="python3",
+        )
+    message = str(error.value)
+    assert "\n" not in message and "model_garden_step.py" in message
+    assert "clone of the repository" in message
+
+
+def test_model_garden_failure_is_one_config_error(tmp_path):
     # This interpreter has no tf-models-official: the script fails on its import.
     config = config_lib.validate(tiny_config())
+    path = str(tmp_path / "batches.npz")
+    step_bench.write_model_garden_batches(path, step_bench.synthetic_batches(config, 0.9, 2))
     command = step_bench.model_garden_command(
-        sys.executable, config, steps=1, warmup=0, real_fraction=0.9
+        sys.executable, config, steps=1, warmup=0, batches_path=path
     )
     with pytest.raises(ConfigError, match="Model Garden benchmark failed"):
         step_bench.run_model_garden(command)

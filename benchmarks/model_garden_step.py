@@ -1,79 +1,81 @@
 """TF Model Garden's `MaskedLMTask.train_step`, timed the way `mlm.step_bench` times ours.
 
-A standalone script: it imports only tensorflow, tf-models-official, numpy and json (never
-`mlm`), so it runs in its own venv:
+A standalone script: it imports only tensorflow, tf-models-official, numpy and the standard
+library (never `mlm`), so it runs in its own venv, and it lives outside the installed package.
+`python -m mlm.bench step --config configs/bench_reference.py --model-garden-python PYTHON` runs
+it as a subprocess on the same model, between the two halves of our timed steps:
 
   python3.11 -m venv .venv-tfm && .venv-tfm/bin/pip install tf-models-official==2.20.0
-  .venv-tfm/bin/python mlm/model_garden_bench.py --steps 20
+  python -m mlm.bench step --config configs/bench_reference.py \
+      --model-garden-python .venv-tfm/bin/python
 
-`python -m mlm.bench --config configs/bench_reference.py --model-garden-python PYTHON` runs it
-as a subprocess with the same shapes. The task is Model Garden's `MaskedLMTask` with its
-default next-sentence head (2 classes, tanh pooler of width `hidden_size`, dropout 0.1); the
-model is its `BertPretrainerV2` (post-LN `BertEncoder`); the optimizer is Model Garden's BERT
-pretraining one (`OptimizerFactory`: `adamw` = AdamWeightDecay, weight decay 0.01 off LayerNorm
-and biases, global-norm clipping 1.0, linear warmup then polynomial decay). `train_step` runs
-under `tf.function(jit_compile=True)` (XLA). Batches are synthetic, built like
-`mlm.step_bench.synthetic_batch` (same rule for lengths, padding and masked slots). The last
-line printed is one JSON object.
+The batches are not made here: `--batches FILE` is an `.npz` holding Model Garden's pretraining
+features, each array stacked over the batches ([N, B, S] ids and mask, [N, B, P] masked slots,
+[N, B] next-sentence labels), which `mlm.step_bench.write_model_garden_batches` writes from the
+very rows our step is timed on. Batch size, sequence length and predictions per row come from
+their shapes.
+
+The task is Model Garden's `MaskedLMTask` with its default next-sentence head (2 classes, tanh
+pooler of width `hidden_size`, dropout 0.1); the model is its `BertPretrainerV2` (post-LN
+`BertEncoder`); the optimizer is Model Garden's BERT pretraining one (`OptimizerFactory`:
+`adamw` = AdamWeightDecay, weight decay 0.01 off LayerNorm and biases, global-norm clipping 1.0,
+linear warmup then polynomial decay). `train_step` runs under `tf.function(jit_compile=True)`
+(XLA). The last line printed is one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import time
 
 import numpy as np
 
+# The pretraining features Model Garden's MaskedLMTask reads (BertPretrainDataLoader's names).
+FEATURES = (
+    "input_word_ids",
+    "input_mask",
+    "input_type_ids",
+    "masked_lm_positions",
+    "masked_lm_ids",
+    "masked_lm_weights",
+    "next_sentence_labels",
+)
 
-def synthetic_batch(
-    rng: np.random.Generator,
-    batch_size: int,
-    seq_length: int,
-    max_predictions: int,
-    vocab_size: int,
-    real_fraction: float,
-    masking_rate: float = 0.15,
-) -> dict[str, np.ndarray]:
-    """Random rows of n_r ~ U[S (2 f - 1), S] real tokens and round(rate n_r) masked slots.
 
-    `mlm.step_bench.synthetic_batch` calls this one, so both sides time the same rows (this
-    script may not import mlm).
+def read_batches(path: str, next_sentence: bool) -> list[dict[str, np.ndarray]]:
+    """Reads the batches of a `--batches` file as Model Garden's data loader yields them.
+
+    Args:
+      path: an `.npz` with every name of FEATURES, each stacked over the batches.
+      next_sentence: keep `next_sentence_labels` (as [B, 1], Model Garden's shape); without the
+        next-sentence head they are dropped.
 
     Returns:
-      Model Garden's pretraining features (`next_sentence_labels` of shape [B, 1]).
+      One dict of numpy arrays per batch.
     """
-    low = max(2, math.ceil(seq_length * (2 * real_fraction - 1)))
-    lengths = rng.integers(low, seq_length + 1, size=batch_size)
-    positions = np.arange(seq_length)
-    real = (positions[None, :] < lengths[:, None]).astype(np.int32)
-    word_ids = rng.integers(5, vocab_size, size=(batch_size, seq_length), dtype=np.int32) * real
-    word_ids[:, 0] = 2
-    type_ids = ((positions[None, :] >= lengths[:, None] // 2) * real).astype(np.int32)
-    masked_positions = np.zeros((batch_size, max_predictions), np.int32)
-    weights = np.zeros((batch_size, max_predictions), np.float32)
-    for row, length in enumerate(lengths):
-        count = min(max_predictions, max(1, round(masking_rate * length)))
-        chosen = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
-        masked_positions[row, :count] = chosen
-        weights[row, :count] = 1.0
-    return {
-        "input_word_ids": word_ids,
-        "input_mask": real,
-        "input_type_ids": type_ids,
-        "masked_lm_positions": masked_positions,
-        "masked_lm_ids": (
-            rng.integers(5, vocab_size, size=(batch_size, max_predictions)) * (weights > 0)
-        ).astype(np.int32),
-        "masked_lm_weights": weights,
-        "next_sentence_labels": rng.integers(0, 2, size=(batch_size, 1), dtype=np.int32),
-    }
+    with np.load(path) as arrays:
+        missing = [name for name in FEATURES if name not in arrays.files]
+        if missing:
+            raise SystemExit(f"error: {path} lacks {', '.join(missing)}")
+        stacked = {name: arrays[name] for name in FEATURES}
+    batches = []
+    for index in range(len(stacked["input_word_ids"])):
+        batch = {name: array[index] for name, array in stacked.items()}
+        labels = batch.pop("next_sentence_labels")
+        if next_sentence:
+            batch["next_sentence_labels"] = labels.reshape(-1, 1)
+        batches.append(batch)
+    return batches
 
 
-def build(args: argparse.Namespace):
+def build(args: argparse.Namespace, seq_length: int, max_predictions: int):
     """Builds Model Garden's task, model, optimizer and metrics for the reference model.
+
+    Args:
+      args: the model's flags.
+      seq_length, max_predictions: S and P of the batches.
 
     Returns:
       (task, model, optimizer, metrics).
@@ -106,8 +108,8 @@ def build(args: argparse.Namespace):
     task_config = masked_lm.MaskedLMConfig(
         model=bert.PretrainerConfig(encoder=encoder, cls_heads=heads if args.next_sentence else []),
         train_data=pretrain_dataloader.BertPretrainDataConfig(
-            seq_length=args.seq_length,
-            max_predictions_per_seq=args.max_predictions,
+            seq_length=seq_length,
+            max_predictions_per_seq=max_predictions,
             use_next_sentence_label=bool(args.next_sentence),
         ),
     )
@@ -143,51 +145,31 @@ def build(args: argparse.Namespace):
 def main() -> None:
     """Parses the flags, compiles the step, times it and prints one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", required=True, help="the .npz of batches (see above)")
     for name, default in (
         ("vocab_size", 30522),
         ("hidden_size", 256),
         ("num_layers", 4),
         ("num_heads", 4),
         ("intermediate_size", 1024),
-        ("seq_length", 128),
-        ("batch_size", 32),
-        ("max_predictions", 20),
         ("steps", 20),
         ("warmup", 3),
-        ("num_batches", 4),
         ("seed", 42),
         ("next_sentence", 1),
     ):
         parser.add_argument(f"--{name}", type=int, default=default)
-    for name, default in (
-        ("real_fraction", 0.94),
-        ("masking_rate", 0.15),
-        ("dropout_rate", 0.1),
-        ("attention_dropout_rate", 0.1),
-    ):
+    for name, default in (("dropout_rate", 0.1), ("attention_dropout_rate", 0.1)):
         parser.add_argument(f"--{name}", type=float, default=default)
     args = parser.parse_args()
+    host_batches = read_batches(args.batches, bool(args.next_sentence))
+    num_batches = len(host_batches)
+    batch_size, seq_length = host_batches[0]["input_word_ids"].shape
+    max_predictions = host_batches[0]["masked_lm_positions"].shape[1]
 
     import tensorflow as tf
 
     tf.random.set_seed(args.seed)
-    task, model, optimizer, metrics = build(args)
-    rng = np.random.default_rng(args.seed)
-    host_batches = [
-        synthetic_batch(
-            rng,
-            args.batch_size,
-            args.seq_length,
-            args.max_predictions,
-            args.vocab_size,
-            args.real_fraction,
-            args.masking_rate,
-        )
-        for _ in range(args.num_batches)
-    ]
-    if not args.next_sentence:
-        for batch in host_batches:
-            del batch["next_sentence_labels"]
+    task, model, optimizer, metrics = build(args, seq_length, max_predictions)
     batches = [{k: tf.constant(v) for k, v in batch.items()} for batch in host_batches]
     real_tokens = [int(batch["input_mask"].sum()) for batch in host_batches]
 
@@ -199,10 +181,10 @@ def main() -> None:
     train_step(batches[0])[task.loss].numpy()  # Tracing, XLA compilation and the first step.
     compile_s = time.perf_counter() - start
     for index in range(args.warmup):
-        train_step(batches[(index + 1) % args.num_batches])[task.loss].numpy()
+        train_step(batches[(index + 1) % num_batches])[task.loss].numpy()
     times = []
     for index in range(args.steps):
-        batch = batches[index % args.num_batches]
+        batch = batches[index % num_batches]
         start = time.perf_counter()
         train_step(batch)[task.loss].numpy()
         times.append(time.perf_counter() - start)
@@ -213,8 +195,8 @@ def main() -> None:
                 framework="tf-models-official " + _version(),
                 tensorflow=tf.__version__,
                 params=int(sum(np.prod(v.shape) for v in model.trainable_variables)),
-                batch_size=args.batch_size,
-                seq_length=args.seq_length,
+                batch_size=int(batch_size),
+                seq_length=int(seq_length),
                 real_token_fraction=sum(real_tokens)
                 / (len(real_tokens) * host_batches[0]["input_mask"].size),
                 steps=args.steps,
