@@ -5,6 +5,15 @@ convention), `config_file_from_argv` and `check_overrides` read `--config` and `
 as absl will, and `run_with_config` runs an entry point's absl `main` after those checks, so a
 mistake in the file or an override is one line (exit 2) rather than a traceback. The schema and
 its validation are `mlm.config`.
+
+The configs shipped in the repository's `configs/` folder are installed as the package
+`mlm.configs` (pyproject.toml maps it onto the folder, so nothing is copied): a `--config`
+value that names one (`quickstart`, `configs/quickstart.py`) and is not a file where the command
+runs loads the shipped file (`resolve_config_path`, `packaged_config_path`), so the documented
+commands work from any directory once mlm is installed.
+
+`parse_flags` reads the absl flags of the commands that take no config (`mlm.fill_mask`,
+`mlm.convert`) with the same one-line errors.
 """
 
 from __future__ import annotations
@@ -17,12 +26,19 @@ import re
 import sys
 import traceback
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ml_collections
 
 from mlm.config import check_number, did_you_mean, leaves
 from mlm.errors import ConfigError, MlmError
+
+if TYPE_CHECKING:
+    from absl import flags
+
+PACKAGED_CONFIGS = "mlm.configs"
+# A `--config` value that may name a shipped config: NAME, NAME.py or configs/NAME.py.
+_SHIPPED_NAME = re.compile(r"^(?:configs/)?([A-Za-z][A-Za-z0-9_]*)(?:\.py)?$")
 
 
 def _split_config_path(spec: str) -> tuple[str, tuple[str, ...]]:
@@ -44,21 +60,108 @@ def _split_config_path(spec: str) -> tuple[str, tuple[str, ...]]:
     return spec, ()
 
 
+def _packaged_configs_dir() -> str:
+    """The directory of the shipped configs (the installed package `mlm.configs`).
+
+    Raises:
+      ConfigError: `mlm.configs` is not installed (mlm imported from a checkout that was never
+        installed, or installed before the configs were packaged).
+    """
+    spec = importlib.util.find_spec(PACKAGED_CONFIGS)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"the shipped configs ({PACKAGED_CONFIGS}) are not installed; install mlm again "
+            "(in a checkout: pip install -e .) or pass a config file"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def packaged_config_names() -> list[str]:
+    """The names of the configs shipped with mlm (`quickstart`, `bert_base`, ...), sorted.
+
+    Raises:
+      ConfigError: `mlm.configs` is not installed.
+    """
+    directory = _packaged_configs_dir()
+    return sorted(
+        name[: -len(".py")]
+        for name in os.listdir(directory)
+        if name.endswith(".py") and not name.startswith("_")
+    )
+
+
+def packaged_config_path(name: str) -> str:
+    """The path of a config shipped with mlm, wherever mlm is installed (notebooks use it).
+
+    Args:
+      name: `quickstart`, `quickstart.py` or `configs/quickstart.py`.
+
+    Returns:
+      The file's absolute path, for `load_config_file` or `--config`.
+
+    Raises:
+      ConfigError: no shipped config has that name (the message lists them), or `mlm.configs`
+        is not installed.
+    """
+    match = _SHIPPED_NAME.match(os.path.normpath(name) if name else name)
+    names = packaged_config_names()
+    if not match or match.group(1) not in names:
+        stem = match.group(1) if match else name
+        raise ConfigError(
+            f"mlm ships no config '{stem}'{did_you_mean(stem, names)}; pass one of "
+            f"{', '.join(names)}, or a config file"
+        )
+    return os.path.join(_packaged_configs_dir(), match.group(1) + ".py")
+
+
+def resolve_config_path(spec: str) -> str:
+    """The config file a `--config` value means: the file when it exists, else the shipped one.
+
+    A value that is not a file (or directory) here and has the form of a shipped config's name,
+    `NAME`, `NAME.py` or `configs/NAME.py` (with `:ARG` or not), means the file `NAME.py` of
+    `mlm.configs`, so `--config configs/quickstart.py` works from any directory once mlm is
+    installed. Any other value is returned as it is (loading it names what is wrong).
+
+    Args:
+      spec: the `--config` value, a path or `FILE:ARG`.
+
+    Returns:
+      `spec`, or the shipped file's path (with `:ARG` when `spec` had one).
+
+    Raises:
+      ConfigError: `spec` has the form of a name but no shipped config has it (the message lists
+        them and says the file does not exist), or `mlm.configs` is not installed.
+    """
+    file, args = _split_config_path(spec)
+    if args or not file or os.path.exists(file):
+        return spec
+    file, colon, arg = spec.partition(":")
+    if os.path.exists(file) or not _SHIPPED_NAME.match(os.path.normpath(file)):
+        return spec  # Not a shipped config's name: loading it names what is wrong.
+    try:
+        return packaged_config_path(file) + colon + arg
+    except ConfigError as error:
+        raise ConfigError(f"config file '{file}' does not exist here, and {error}") from None
+
+
 def load_config_file(path: str) -> ml_collections.ConfigDict:
     """Loads `get_config()` from a config file (for notebooks and tools; the CLI uses absl flags).
 
     Args:
       path: a Python file defining `get_config()`, or `FILE:ARG` to call `get_config(ARG)`
-        (the ml_collections convention).
+        (the ml_collections convention); a shipped config's name (`quickstart`,
+        `configs/quickstart.py`) that is not a file here loads the shipped file
+        (`resolve_config_path`).
 
     Returns:
       The config it returns (not yet validated).
 
     Raises:
-      ConfigError: one line naming the file and what is wrong: missing, not Python, an exception
-        (with its line), no get_config, a get_config that takes other arguments, or a result
-        that is not a ConfigDict.
+      ConfigError: one line naming the file and what is wrong: missing (a name no shipped
+        config has: listing them), not Python, an exception (with its line), no get_config, a
+        get_config that takes other arguments, or a result that is not a ConfigDict.
     """
+    path = resolve_config_path(path)
     file, args = _split_config_path(path)
     _check_config_path(file, path)
     name = "mlm_user_config"
@@ -258,13 +361,79 @@ def config_file_from_argv(argv: Sequence[str]) -> str | None:
     return value
 
 
+def with_config_path(argv: Sequence[str], path: str) -> list[str]:
+    """argv with the value of its last `--config` (the one absl reads) replaced by `path`."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    for index in reversed(range(end)):
+        match = _CONFIG_FLAG.match(argv[index])
+        if match and match.group(1) is not None:
+            argv[index] = argv[index][: match.start(1)] + path
+            return argv
+        if match and index + 1 < len(argv):
+            argv[index + 1] = path
+            return argv
+    return argv
+
+
+def parse_flags(
+    flag_values: flags.FlagValues,
+    argv: Sequence[str] | None,
+    usage: str,
+    description: str,
+    required: Sequence[str] = (),
+) -> flags.FlagValues:
+    """Parses the command line of a command that takes no config into its absl flags.
+
+    Such commands (`mlm.fill_mask`, `mlm.convert`) define their flags on an `absl.flags.FlagValues`
+    of their own, so their `main(argv)` can run more than once in one process (tests, notebooks)
+    and their flags never meet another command's. `--help` (`-h`, `--helpshort`, `--helpfull`)
+    prints `usage: USAGE`, the description and the flags on stdout and exits with status 0.
+
+    Args:
+      flag_values: a fresh `flags.FlagValues()` holding the command's flags.
+      argv: the arguments after the command name; None: `sys.argv[1:]`.
+      usage: the command line a user types, e.g. `python -m mlm.fill_mask --workdir DIR ...`.
+      description: what the command does, for `--help`.
+      required: the flags that must be given.
+
+    Returns:
+      `flag_values`, parsed.
+
+    Raises:
+      ConfigError: an unknown flag, a value absl cannot read, a required flag missing or an
+        argument that is not a flag: one line naming it, with the usage.
+    """
+    from absl import flags  # The command line only.
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    flags_part = argv[: argv.index("--")] if "--" in argv else argv
+    if any(arg in ("-h", "--help", "-help", "--helpshort", "--helpfull") for arg in flags_part):
+        lines = flag_values.get_help(prefix="", include_special_flags=False).splitlines()
+        flag_lines = [line for line in lines if line.startswith(" ")]  # Not module headers.
+        print(f"usage: {usage}\n\n{description.strip()}\n\nflags:\n" + "\n".join(flag_lines))
+        sys.exit(0)
+    try:
+        rest = flag_values([usage.split(" --")[0], *argv])
+    except flags.Error as error:
+        raise ConfigError(f"{error}; usage: {usage}") from None
+    if len(rest) > 1:
+        raise ConfigError(f"unexpected argument '{rest[1]}' (not a --flag); usage: {usage}")
+    for name in required:
+        if flag_values[name].value is None:
+            raise ConfigError(f"--{name} is required; usage: {usage}")
+    return flag_values
+
+
 def run_with_config(main: Callable[[list[str]], None]) -> None:
     """Runs an entry point's absl `main`, a user mistake ending it with one line and exit 2.
 
     Before absl parses the flags, the `--config` file is loaded and the `--config.x.y=v`
     overrides are checked against its config, so a mistake in either is named in one line
-    rather than in a traceback from flag parsing. An MlmError from these checks or from `main`
-    is printed as `error: MESSAGE` on stderr and the process exits with status 2.
+    rather than in a traceback from flag parsing; a shipped config's name that is not a file
+    here becomes the shipped file's path in `sys.argv` (`resolve_config_path`). An MlmError
+    from these checks or from `main` is printed as `error: MESSAGE` on stderr and the process
+    exits with status 2.
 
     Args:
       main: the absl main (`absl.app.run(main)`); the entry point has defined its flags, the
@@ -277,6 +446,8 @@ def run_with_config(main: Callable[[list[str]], None]) -> None:
         config_path = config_file_from_argv(sys.argv)
         if config_path:
             check_overrides(load_config_file(config_path), sys.argv)
+            # absl's config flag loads the file again: give it the file just loaded.
+            sys.argv[:] = with_config_path(sys.argv, resolve_config_path(config_path))
         app.run(main)
     except MlmError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -16,14 +16,13 @@ directory and renamed into place when complete; an existing non-empty output is 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import ml_collections
@@ -32,12 +31,16 @@ from flax import traverse_util
 
 from mlm import checkpoint, kernels
 from mlm import config as config_lib
+from mlm import config_file as config_file_lib
 from mlm.data.corpus import write_text_atomically
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
 from mlm.experiment import Experiment
 from mlm.interop import hf, layout, tf_bert
+
+if TYPE_CHECKING:
+    from absl import flags
 
 SOURCES = ("hf", "tf-bert")
 TARGETS = ("hf",)
@@ -300,37 +303,90 @@ def to_hf(workdir: str, output: str) -> Converted:
     return Converted(os.path.abspath(output), *_count(params), next_sentence, [], ema=predictor.ema)
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("true", "1", "yes"):
-        return True
-    if text.lower() in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got '{text}'")
+USAGE = (
+    "python -m mlm.convert (--from hf|tf-bert | --to hf) --input PATH --output DIR "
+    "[--bert_config FILE] [--vocab FILE] [--lowercase true|false]"
+)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def _parse_bool(text: str | None) -> bool | None:
+    """`--lowercase`'s value (any case of true/1/yes or false/0/no); None when not given."""
+    return None if text is None else text.lower() in _TRUE
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command line's absl flags, in a FlagValues of their own (see `parse_flags`)."""
+    from absl import flags  # The command line only.
+
+    values = flags.FlagValues()
+    flags.DEFINE_enum(
+        "from",
+        None,
+        list(SOURCES),
+        "convert into an mlm workdir: a Hugging Face BERT directory (hf) or an original "
+        "google-research/bert checkpoint (tf-bert)",
+        flag_values=values,
+    )
+    flags.DEFINE_enum(
+        "to",
+        None,
+        list(TARGETS),
+        "export an mlm workdir (hf: a directory transformers loads)",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "input",
+        None,
+        "model dir (hf), checkpoint prefix (tf-bert) or workdir (--to)",
+        flag_values=values,
+    )
+    flags.DEFINE_string("output", None, "the new directory", flag_values=values)
+    flags.DEFINE_string(
+        "bert_config",
+        "",
+        "tf-bert: bert_config.json (default: next to the checkpoint)",
+        flag_values=values,
+    )
+    flags.DEFINE_string(
+        "vocab", "", "tf-bert: vocab.txt (default: next to the checkpoint)", flag_values=values
+    )
+    flags.DEFINE_enum(
+        "lowercase",
+        None,
+        [*_TRUE, *_FALSE],
+        "the vocab is uncased (default: from the checkpoint)",
+        flag_values=values,
+        case_sensitive=False,
+    )
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status (2 with a one-line error on bad input)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlm.convert", description=__doc__.splitlines()[0]
-    )
-    direction = parser.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from", dest="source", choices=SOURCES, help="convert into mlm")
-    direction.add_argument("--to", dest="target", choices=TARGETS, help="export an mlm workdir")
-    parser.add_argument("--input", required=True, help="model dir, checkpoint prefix or workdir")
-    parser.add_argument("--output", required=True, help="the new directory")
-    parser.add_argument("--bert_config", default="", help="tf-bert: bert_config.json")
-    parser.add_argument("--vocab", default="", help="tf-bert: vocab.txt")
-    parser.add_argument(
-        "--lowercase", type=_parse_bool, default=None, help="the vocab is uncased (true/false)"
-    )
-    args = parser.parse_args(argv)
-    kernels.skip_absent_tpu()
+    """The command line (absl flags); returns the exit status, 2 with one `error:` line.
+
+    Args:
+      argv: the arguments after the command name; None: `sys.argv[1:]`.
+    """
     try:
-        if args.source == "hf":
-            converted = from_hf(args.input, args.output, args.lowercase)
-        elif args.source == "tf-bert":
+        args = config_file_lib.parse_flags(
+            _flag_values(), argv, USAGE, __doc__.splitlines()[0], required=("input", "output")
+        )
+        source, target = args["from"].value, args["to"].value
+        if source is None and target is None:
+            raise ConfigError(
+                f"say which way to convert: --from {'|'.join(SOURCES)} (into mlm) or --to "
+                f"{'|'.join(TARGETS)} (export a workdir); usage: {USAGE}"
+            )
+        if source is not None and target is not None:
+            raise ConfigError(f"give --from or --to, not both; usage: {USAGE}")
+        kernels.skip_absent_tpu()
+        lowercase = _parse_bool(args.lowercase)
+        if source == "hf":
+            converted = from_hf(args.input, args.output, lowercase)
+        elif source == "tf-bert":
             converted = from_tf_bert(
-                args.input, args.output, args.bert_config, args.vocab, args.lowercase
+                args.input, args.output, args.bert_config, args.vocab, lowercase
             )
         else:
             converted = to_hf(args.input, args.output)

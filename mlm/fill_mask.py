@@ -7,21 +7,24 @@ Run:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import numbers
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mlm import checkpoint, kernels
+from mlm import config_file as config_file_lib
 from mlm import workdir as workdir_lib
 from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
 from mlm.errors import ConfigError, DataError, MlmError, WorkdirError
 from mlm.experiment import Experiment
+
+if TYPE_CHECKING:
+    from absl import flags
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,19 +187,40 @@ def format_predictions(text: str, predictions: list[list[tuple[str, float]]]) ->
     return "\n".join(lines)
 
 
+USAGE = "python -m mlm.fill_mask --workdir DIR --text TEXT [--top_k K]"
+
+
+def _flag_values() -> flags.FlagValues:
+    """The command line's absl flags, in a FlagValues of their own (see `parse_flags`)."""
+    from absl import flags  # The command line only.
+
+    values = flags.FlagValues()
+    flags.DEFINE_string(
+        "workdir", None, "a workdir written by mlm.train or mlm.convert --from", flag_values=values
+    )
+    flags.DEFINE_string(
+        "text", None, 'text with one or more [MASK], e.g. "A [MASK] day."', flag_values=values
+    )
+    flags.DEFINE_integer(
+        "top_k",
+        5,
+        "candidates per mask, at least 1 (values above the vocab show every candidate)",
+        flag_values=values,
+    )
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The command line; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m mlm.fill_mask", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("--workdir", required=True, help="a workdir written by mlm.train")
-    parser.add_argument("--text", required=True, help='text with [MASK], e.g. "A [MASK] day."')
-    parser.add_argument(
-        "--top_k", type=int, default=5, help="candidates per mask (at most the vocab's tokens)"
-    )
-    args = parser.parse_args(argv)
-    kernels.skip_absent_tpu()
+    """The command line (absl flags); returns the exit status, 2 with one `error:` line.
+
+    Args:
+      argv: the arguments after the command name; None: `sys.argv[1:]`.
+    """
     try:
+        args = config_file_lib.parse_flags(
+            _flag_values(), argv, USAGE, __doc__.splitlines()[0], required=("workdir", "text")
+        )
+        kernels.skip_absent_tpu()
         check_top_k(args.top_k)  # Before the checkpoint is read.
         predictor = load_predictor(args.workdir)
         predictions = fill_mask(predictor, args.text, args.top_k)

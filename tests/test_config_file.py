@@ -1,6 +1,10 @@
 """Tests for mlm.config_file: config files (`FILE:ARG` too), `--config` and its overrides."""
 
+import filecmp
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from ml_collections import config_flags
@@ -229,3 +233,129 @@ def test_override_before_the_config_flag_is_refused():
     )
     with pytest.raises(ConfigError, match=r"unknown config field 'data\.lowercas'"):
         config_file_lib.check_overrides(config, ["prog", "-config.data.lowercas=1"])
+
+
+# ----------------------------------------------------------------------------- shipped configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(
+    name[: -len(".py")]
+    for name in os.listdir(os.path.join(ROOT, "configs"))
+    if name.endswith(".py") and not name.startswith("_")
+)
+
+
+def test_shipped_configs_are_the_configs_folder():
+    assert "quickstart" in SHIPPED
+    assert config_file_lib.packaged_config_names() == SHIPPED
+    for name in SHIPPED:
+        path = config_file_lib.packaged_config_path(name)
+        assert filecmp.cmp(path, os.path.join(ROOT, "configs", f"{name}.py"), shallow=False)
+
+
+def test_pyproject_installs_the_configs_folder_and_every_package():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as file:
+        setuptools = tomllib.load(file)["tool"]["setuptools"]
+    assert setuptools["package-dir"] == {"mlm.configs": "configs"}
+    on_disk = {
+        os.path.relpath(directory, ROOT).replace(os.sep, ".")
+        for directory, _, files in os.walk(os.path.join(ROOT, "mlm"))
+        if "__init__.py" in files
+    }
+    assert set(setuptools["packages"]) == on_disk | {"mlm.configs"}
+
+
+@pytest.mark.parametrize("spec", ["configs/quickstart.py", "quickstart", "quickstart.py"])
+def test_a_shipped_config_loads_by_name_from_a_directory_without_configs(
+    tmp_path, monkeypatch, spec
+):
+    monkeypatch.chdir(tmp_path)
+    assert not os.path.exists("configs")
+    packaged = config_file_lib.packaged_config_path("quickstart")
+    assert config_file_lib.resolve_config_path(spec) == packaged
+    expected = config_file_lib.load_config_file(os.path.join(ROOT, "configs", "quickstart.py"))
+    assert config_file_lib.load_config_file(spec).to_dict() == expected.to_dict()
+
+
+def test_a_file_where_the_command_runs_comes_before_the_shipped_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("configs")
+    (tmp_path / "configs" / "quickstart.py").write_text(
+        "from mlm.config import base_config\n\n\ndef get_config():\n"
+        "    config = base_config()\n    config.train.num_steps = 3\n    return config\n"
+    )
+    assert config_file_lib.resolve_config_path("configs/quickstart.py") == "configs/quickstart.py"
+    assert config_file_lib.load_config_file("configs/quickstart.py").train.num_steps == 3
+    # A missing file elsewhere is not taken for a shipped config of the same name.
+    with pytest.raises(ConfigError) as error:
+        config_file_lib.load_config_file(str(tmp_path / "other" / "quickstart.py"))
+    assert str(error.value) == (
+        f"config file '{tmp_path}/other/quickstart.py' does not exist; pass e.g. "
+        "configs/quickstart.py"
+    )
+
+
+@pytest.mark.parametrize(
+    "spec,stem,hint",
+    [
+        ("configs/quikstart.py", "quikstart", " (did you mean 'quickstart'?)"),
+        ("bert_huge", "bert_huge", " (did you mean 'bert_large'?)"),
+        ("nothing_like_it.py", "nothing_like_it", ""),
+    ],
+)
+def test_an_unknown_config_name_is_one_line_listing_the_shipped_ones(
+    tmp_path, monkeypatch, spec, stem, hint
+):
+    monkeypatch.chdir(tmp_path)
+    file = spec.partition(":")[0]
+    with pytest.raises(ConfigError) as error:
+        config_file_lib.load_config_file(spec)
+    assert str(error.value) == (
+        f"config file '{file}' does not exist here, and mlm ships no config '{stem}'{hint}; pass "
+        f"one of {', '.join(SHIPPED)}, or a config file"
+    )
+    with pytest.raises(ConfigError, match=rf"^mlm ships no config '{stem}'"):
+        config_file_lib.packaged_config_path(spec)
+
+
+def test_with_config_path_replaces_the_value_absl_reads():
+    replace = config_file_lib.with_config_path
+    argv = ["p", "--config", "a", "--w", "x"]
+    assert replace(argv, "/c.py") == ["p", "--config", "/c.py", "--w", "x"]
+    argv = ["p", "--config=a", "--config=b:1"]  # absl reads the last one.
+    assert replace(argv, "/c.py:1") == ["p", "--config=a", "--config=/c.py:1"]
+    argv = ["p", "-config", "a", "--", "--config=b"]  # After '--': not a flag.
+    assert replace(argv, "/c.py") == ["p", "-config", "/c.py", "--", "--config=b"]
+
+
+def run_train(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "mlm.train", *args],
+        cwd=cwd,
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_command_line_reads_a_shipped_config_from_any_directory(tmp_path):
+    # --mode eval on a new workdir stops after absl has read the config and its override.
+    result = run_train(
+        "--config", "configs/quickstart.py", "--workdir", "new", "--mode", "eval",
+        "--config.train.num_steps=5", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --mode eval: workdir 'new' has no checkpoint; train first, or pass the workdir of "
+        "a trained run"
+    )
+    result = run_train("--config", "configs/quikstart.py", "--workdir", "new", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "error: config file 'configs/quikstart.py' does not exist here, and mlm ships no config "
+        f"'quikstart' (did you mean 'quickstart'?); pass one of {', '.join(SHIPPED)}, or a "
+        "config file"
+    ]
+    assert sorted(os.listdir(tmp_path)) == []

@@ -553,3 +553,68 @@ def test_usage_names_the_command_a_user_types(capsys):
         convert.main(["--help"])
     assert caught.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python -m mlm.convert ")
+
+
+CONVERT_USAGE = (
+    "python -m mlm.convert (--from hf|tf-bert | --to hf) --input PATH --output DIR "
+    "[--bert_config FILE] [--vocab FILE] [--lowercase true|false]"
+)
+
+
+IN_OUT = ["--input", "in", "--output", "out"]
+FLAG_MISTAKES = {
+    "no_direction": (
+        IN_OUT,
+        "say which way to convert: --from hf|tf-bert (into mlm) or --to hf (export a workdir)",
+    ),
+    "both": (["--from", "hf", "--to", "hf", *IN_OUT], "give --from or --to, not both"),
+    "bad_source": (
+        ["--from", "tf_bert", *IN_OUT],
+        "flag --from=tf_bert: value should be one of <hf|tf-bert>",
+    ),
+    "bad_target": (["--to", "tf-bert", *IN_OUT], "flag --to=tf-bert: value should be one of <hf>"),
+    "no_output": (["--from", "hf", "--input", "in"], "--output is required"),
+    "bad_bool": (
+        ["--from", "hf", *IN_OUT, "--lowercase", "maybe"],
+        "flag --lowercase=maybe: value should be one of <true|1|yes|false|0|no>",
+    ),
+    "no_bool": (["--from", "hf", *IN_OUT, "--lowercase"], "Missing value for flag --lowercase"),
+    "typo": (["--from", "hf", *IN_OUT, "--vocb", "v.txt"], "Unknown command line flag 'vocb'"),
+}
+
+
+@pytest.mark.parametrize("case", list(FLAG_MISTAKES))
+def test_flag_mistakes_are_one_line_with_the_usage(tmp_path, monkeypatch, capsys, case):
+    argv, message = FLAG_MISTAKES[case]
+    monkeypatch.chdir(tmp_path)
+    line = convert_cli_error(argv, capsys)
+    assert line.startswith(f"error: {message}") and line.endswith(f"; usage: {CONVERT_USAGE}"), line
+    assert os.listdir(tmp_path) == []
+
+
+def test_lowercase_takes_a_separate_value_in_any_case(masked_lm, tmp_path, capsys):
+    _, hf_dir, converted, _ = masked_lm
+    assert load_predictor(converted.output).config.data.lowercase  # tokenizer_config's.
+    out = str(tmp_path / "cased")
+    assert (
+        convert.main(["--from", "hf", "--input", hf_dir, "--output", out, "--lowercase", "No"]) == 0
+    )
+    assert capsys.readouterr().out.startswith(f"wrote {out}: ")
+    assert not load_predictor(out).config.data.lowercase
+
+
+def test_real_command_line_help_names_the_command_and_every_flag():
+    result = subprocess.run(
+        [sys.executable, "-m", "mlm.convert", "--help"],
+        env=dict(
+            os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.stdout.startswith(f"usage: {CONVERT_USAGE}\n")
+    assert "convert.py" not in result.stdout
+    for flag in ("from", "to", "input", "output", "bert_config", "vocab", "lowercase"):
+        assert f"\n  --{flag}: " in result.stdout

@@ -174,3 +174,41 @@ def test_usage_names_the_command_a_user_types(capsys):
         fill_mask.main(["--help"])
     assert caught.value.code == 0
     assert capsys.readouterr().out.startswith("usage: python -m mlm.fill_mask ")
+
+
+USAGE = "usage: python -m mlm.fill_mask --workdir DIR --text TEXT [--top_k K]"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--text", TEXT], "--workdir is required"),
+        (["--workdir", "w", "--top_k", "5"], "--text is required"),
+        (["--workdir", "w", "--text", TEXT, "--top_k", "five"], "flag --top_k=five: invalid"),
+        (["--workdir", "w", "--text", TEXT, "--topk", "5"], "Unknown command line flag 'topk'"),
+        (["--workdir", "w", "--text", "the", "[MASK]"], "unexpected argument '[MASK]'"),
+        (["--workdir", "w", "--text"], "Missing value for flag --text"),
+    ],
+    ids=["no_workdir", "no_text", "top_k_not_a_number", "unknown_flag", "unquoted", "no_value"],
+)
+def test_flag_mistakes_are_one_line_with_the_usage(capsys, argv, message):
+    line = error_line(argv, capsys)
+    assert line.startswith(f"error: {message}") and line.endswith(f"; {USAGE}"), line
+
+
+def test_main_runs_again_in_the_same_process_with_its_own_flags(workdir, capsys):
+    # absl's global FLAGS are not used: each call parses its own argv, defaults included.
+    assert fill_mask.main(["--workdir", workdir, "--text", TEXT, "--top_k", "2"]) == 0
+    assert fill_mask.main(["--workdir", workdir, f"--text={TEXT}"]) == 0
+    first, second = capsys.readouterr().out.split("checkpoint step 0\n")[1:]
+    assert len(re.findall(r"^  ", first, flags=re.M)) == 2
+    assert len(re.findall(r"^  ", second, flags=re.M)) == 5  # --top_k's default.
+
+
+def test_real_command_line_help_names_the_command_and_every_flag():
+    result = run_cli("--help", cwd=ROOT)
+    assert result.returncode == 0 and "Traceback" not in result.stderr
+    assert result.stdout.startswith(USAGE + "\n")
+    assert "fill_mask.py" not in result.stdout
+    for flag in ("--workdir", "--text", "--top_k"):
+        assert f"\n  {flag}: " in result.stdout

@@ -3,10 +3,13 @@
 import json
 import os
 import re
+import subprocess
 import sys
 
 import nbformat
 from nbclient import NotebookClient
+
+from mlm.config_file import packaged_config_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
@@ -41,6 +44,59 @@ def test_notebook_is_stored_clean():
             assert cell.outputs == [] and cell.execution_count is None
 
 
+def install_cell() -> str:
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    return [cell for cell in nb.cells if cell.cell_type == "code"][0].source
+
+
+def run_install_cell(tmp_path, url: str | None) -> subprocess.CompletedProcess:
+    """Runs the install cell where mlm is not importable (no site-packages), with pip replaced
+    by a stand-in that writes an empty `mlm` package into a directory on sys.path."""
+    site = tmp_path / "site"
+    site.mkdir()  # Listed (empty) before the install, as pip's target is.
+    prelude = f"""
+import os, subprocess, sys
+sys.path.insert(0, {str(site)!r})
+def pip(argv, check, env):
+    print("RAN", argv[1:], env["GIT_TERMINAL_PROMPT"])
+    os.mkdir(os.path.join({str(site)!r}, "mlm"))
+    open(os.path.join({str(site)!r}, "mlm", "__init__.py"), "w").close()
+subprocess.run = pip
+"""
+    env = {key: value for key, value in os.environ.items() if key != "MLM_GIT_URL"}
+    if url is not None:
+        env["MLM_GIT_URL"] = url
+    return subprocess.run(
+        [sys.executable, "-S", "-c", prelude + install_cell()],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_install_cell_installs_mlm_from_the_named_repository(tmp_path):
+    url = "https://git.example.org/team/mlm.git"
+    result = run_install_cell(tmp_path, url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        f"installing mlm from {url}",
+        f"RAN ['-m', 'pip', 'install', '-q', 'mlm @ git+{url}'] 0",
+        f"mlm is installed: {tmp_path / 'site' / 'mlm'}",
+    ]
+
+
+def test_install_cell_without_a_repository_says_what_to_set(tmp_path):
+    result = run_install_cell(tmp_path, None)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "RuntimeError: mlm is not installed here: set MLM_GIT_URL (in this cell or the "
+        "environment) to the git URL of the mlm repository, then run this cell again"
+    )
+    assert "RAN" not in result.stdout  # Nothing was installed.
+
+
 def test_notebook_runs(tmp_path, monkeypatch):
     write_kernel_spec(tmp_path / "jupyter")
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
@@ -66,6 +122,9 @@ def test_notebook_runs(tmp_path, monkeypatch):
     install, train, curves, fill = code
 
     assert "mlm is installed" in stdout_of(install)
+    assert "installing mlm" not in stdout_of(install)  # CI runs the notebook on mlm installed.
+    # The config comes from the installed package, wherever the notebook runs.
+    assert f"config: {packaged_config_path('quickstart')}\n" in stdout_of(train)
     assert f"workdir: {tmp_path}" in stdout_of(train)
 
     pngs = [out for out in outputs(curves, "display_data") if "image/png" in out["data"]]
