@@ -28,10 +28,8 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from mlm.errors import ConfigError, DivergenceError, MlmError, WorkdirError
+from mlm.paths import CHECKPOINT_DIRNAME, DAMAGED_DIRNAME
 
-CHECKPOINT_DIRNAME = "checkpoints"
-BEST_DIRNAME = "checkpoints_best"
-DAMAGED_DIRNAME = "damaged"
 STATE_ITEM = "state"
 DATA_ITEM = "data"
 CONFIG_ITEM = "config"

@@ -32,12 +32,11 @@ from flax import traverse_util
 from mlm import checkpoint, kernels
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
-from mlm.data.corpus import write_text_atomically
-from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
 from mlm.experiment import Experiment
 from mlm.interop import hf, layout, tf_bert
+from mlm.paths import CONFIG_FILENAME, VOCAB_FILENAME, write_text_atomically
 
 if TYPE_CHECKING:
     from absl import flags
@@ -195,7 +194,7 @@ def write_workdir(
             manager.wait_until_finished()
         finally:
             manager.close()
-        write_text_atomically(os.path.join(directory, "config.json"), config_lib.to_json(config))
+        write_text_atomically(os.path.join(directory, CONFIG_FILENAME), config_lib.to_json(config))
 
     _write_into_place(output, write)
 

@@ -18,10 +18,10 @@ import numpy as np
 from mlm import checkpoint, kernels
 from mlm import config_file as config_file_lib
 from mlm import workdir as workdir_lib
-from mlm.data.inputs import VOCAB_FILENAME
 from mlm.data.tokenizer import Vocab, encode_sentences, load_vocab
 from mlm.errors import ConfigError, DataError, MlmError, WorkdirError
 from mlm.experiment import Experiment
+from mlm.paths import CONFIG_FILENAME, VOCAB_FILENAME
 
 if TYPE_CHECKING:
     from absl import flags
@@ -61,7 +61,7 @@ def load_predictor(workdir: str) -> Predictor:
     Raises:
       WorkdirError: the workdir has no config.json, vocab.txt or checkpoint.
     """
-    config_path = os.path.join(workdir, "config.json")
+    config_path = os.path.join(workdir, CONFIG_FILENAME)
     vocab_path = os.path.join(workdir, VOCAB_FILENAME)
     for path in (config_path, vocab_path):
         if not os.path.isfile(path):

@@ -29,11 +29,10 @@ from etils import epath
 from flax import traverse_util
 
 from mlm import checkpoint
-from mlm.data.corpus import write_text_atomically
 from mlm.errors import ConfigError, WorkdirError
+from mlm.paths import INIT_REPORT_FILENAME, VOCAB_FILENAME, write_text_atomically
 from mlm.task import TaskState
 
-REPORT_FILENAME = "init_report.txt"
 LOADED, INITIALIZED, UNUSED = "loaded", "initialized", "unused"
 _FIX = (
     "set train.init_checkpoint to an mlm workdir, its checkpoints/ directory or a "
@@ -150,8 +149,8 @@ def check_vocab(checkpoints_dir: str, workdir: str) -> None:
     Raises:
       ConfigError: both vocab files exist and differ.
     """
-    source = os.path.join(os.path.dirname(os.path.abspath(checkpoints_dir)), "vocab.txt")
-    target = os.path.join(workdir, "vocab.txt")
+    source = os.path.join(os.path.dirname(os.path.abspath(checkpoints_dir)), VOCAB_FILENAME)
+    target = os.path.join(workdir, VOCAB_FILENAME)
     both = os.path.isfile(source) and os.path.isfile(target)
     if both and not filecmp.cmp(source, target, shallow=False):
         raise ConfigError(
@@ -377,6 +376,6 @@ def _load_step(
 
 def write_report(report: InitReport, workdir: str) -> str:
     """Writes `format_report()` to WORKDIR/init_report.txt and returns the path."""
-    path = os.path.join(workdir, REPORT_FILENAME)
+    path = os.path.join(workdir, INIT_REPORT_FILENAME)
     write_text_atomically(path, report.format_report())
     return path

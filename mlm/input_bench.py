@@ -17,9 +17,10 @@ import ml_collections
 import numpy as np
 
 from mlm import config as config_lib
-from mlm.data.inputs import VOCAB_FILENAME, build_inputs
+from mlm.data.inputs import build_inputs
 from mlm.data.pipeline import prefetch
 from mlm.errors import ConfigError, DataError
+from mlm.paths import VOCAB_FILENAME
 
 # BERT's max_predictions_per_seq for its two sequence lengths (create_pretraining_data.py flags);
 # other lengths use round(seq_length * data.masking_rate).

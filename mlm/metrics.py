@@ -14,7 +14,7 @@ import jax
 import tqdm
 from tensorboardX import SummaryWriter
 
-from mlm.data.corpus import write_text_atomically
+from mlm.paths import TENSORBOARD_DIRNAME, metrics_path, write_text_atomically
 
 
 def _jsonable(value: float | int) -> float | int | str | None:
@@ -45,7 +45,7 @@ class MetricWriter:
             if start_step is not None:
                 self.drop_after(start_step)
             self._tensorboard = SummaryWriter(
-                os.path.join(workdir, "tensorboard"),
+                os.path.join(workdir, TENSORBOARD_DIRNAME),
                 purge_step=None if start_step is None else start_step + 1,
             )
 
@@ -60,7 +60,7 @@ class MetricWriter:
         if not self._enabled:
             return
         record = {key: _jsonable(value) for key, value in metrics.items()}
-        with open(os.path.join(self._workdir, f"{name}.jsonl"), "a") as file:
+        with open(metrics_path(self._workdir, name), "a") as file:
             file.write(json.dumps(record) + "\n")
         prefix = "eval" if name.startswith("eval") else "train"
         step = int(metrics["step"])

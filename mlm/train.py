@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mlm import checkpoint, distributed, initialize, kernels, parallel, privacy, task
+from mlm import checkpoint, distributed, initialize, kernels, parallel, paths, privacy, task
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
 from mlm import workdir as workdir_lib
@@ -252,7 +252,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         )
         if config.train.best_metric and inputs.eval is not None and mode != "eval":
             best_manager = checkpoint.make_best_manager(
-                os.path.join(workdir, checkpoint.BEST_DIRNAME), config.train.best_metric
+                os.path.join(workdir, paths.BEST_DIRNAME), config.train.best_metric
             )
         # A reader appends; a run drops what an earlier attempt logged after its start step.
         writer = MetricWriter(workdir, start_step=None if mode == "eval" else latest)

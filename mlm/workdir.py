@@ -1,8 +1,6 @@
 """The run directory: its checks, its lock, and what a new run sets aside.
 
-A workdir holds `config.json`, `vocab.txt`, `metrics.jsonl`, `eval_metrics.jsonl`,
-`tensorboard/`, `checkpoints/` (each step with the state, the iterator position and the run's
-config) and `checkpoints_best/`.
+What a workdir holds, and every name in it, is `mlm.paths`.
 
 One run at a time writes a workdir: an OS-level lock (`fcntl.flock`) on `WORKDIR/lock`, held
 by process 0 for the whole run. The kernel releases it when the holder exits or dies (kill -9
@@ -27,13 +25,16 @@ import ml_collections
 
 from mlm import checkpoint
 from mlm import config as config_lib
-from mlm.data.corpus import write_text_atomically
 from mlm.errors import ConfigError, WorkdirError
-from mlm.initialize import REPORT_FILENAME
+from mlm.paths import (
+    BEST_DIRNAME,
+    CONFIG_FILENAME,
+    INIT_REPORT_FILENAME,
+    LOCK_FILENAME,
+    PREVIOUS_DIRNAME,
+    write_text_atomically,
+)
 
-LOCK_FILENAME = "lock"
-CONFIG_FILENAME = "config.json"
-PREVIOUS_DIRNAME = "previous_runs"
 # Sections of config.json a resumed run must share with the run that wrote the checkpoints,
 # except fields that change neither the model nor the batches (every kernel set has the same
 # parameters and computes the same function).
@@ -273,7 +274,7 @@ def set_aside_previous_run(workdir: str) -> str | None:
     """
     names = [
         name
-        for name in (checkpoint.BEST_DIRNAME, REPORT_FILENAME)
+        for name in (BEST_DIRNAME, INIT_REPORT_FILENAME)
         if os.path.isfile(os.path.join(workdir, name))
         or (os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name)))
     ]

@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+from mlm import paths
 from mlm.data import builtin_corpus as corpus
 from mlm.data.corpus import read_documents
 from mlm.errors import WorkdirError
@@ -242,4 +243,4 @@ def test_unwritable_out_dir_raises_workdir_error(tmp_path):
     with pytest.raises(WorkdirError, match="file/corpus: cannot create"):
         corpus.write_builtin_corpus(os.path.join(blocker, "corpus"))
     with pytest.raises(WorkdirError, match="cannot write"):
-        corpus.write_text_atomically(os.path.join(blocker, "x.txt"), "text")
+        paths.write_text_atomically(os.path.join(blocker, "x.txt"), "text")

@@ -20,8 +20,8 @@ import sysconfig
 import warnings
 from collections.abc import Sequence
 
-from mlm.data.corpus import write_text_atomically
 from mlm.errors import DataError, WorkdirError
+from mlm.paths import write_text_atomically
 
 TRAIN_FILE_NAME = "train.txt"
 EVAL_FILE_NAME = "eval.txt"

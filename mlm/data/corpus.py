@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
-from mlm.errors import DataError, WorkdirError
+from mlm.errors import DataError
 
 
 def expand_globs(
@@ -126,38 +125,3 @@ def _line_number(path: str, offset: int) -> int:
             newlines += block.count(b"\n")
             offset -= len(block)
     return newlines + 1
-
-
-def write_text_atomically(path: str, text: str | Iterable[str]) -> None:
-    """Writes UTF-8 text to ``path`` through a temporary file and ``os.replace``.
-
-    Args:
-      path: the file to write; its directory must exist.
-      text: the content, written with ``\\n`` line ends; or an iterable of pieces, written as
-        they come (for text too big to hold). An error while iterating leaves ``path`` as it was.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        file_descriptor, temporary_path = tempfile.mkstemp(
-            dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp"
-        )
-    except OSError as error:
-        raise WorkdirError(
-            f"{directory}: cannot write {os.path.basename(path)} ({error.strerror or error}); "
-            "choose a writable workdir"
-        ) from None
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as file:
-            file.writelines([text] if isinstance(text, str) else text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary_path, 0o666 & ~umask)  # mkstemp's 0600 would hide it from others.
-        os.replace(temporary_path, path)
-    except BaseException as error:
-        if os.path.exists(temporary_path):
-            os.remove(temporary_path)
-        if isinstance(error, OSError):
-            raise WorkdirError(
-                f"{path}: cannot write ({error.strerror or error}); choose a writable workdir"
-            ) from None
-        raise

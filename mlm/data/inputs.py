@@ -25,7 +25,7 @@ import numpy as np
 
 from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
-from mlm.data.corpus import expand_globs, read_documents, write_text_atomically
+from mlm.data.corpus import expand_globs, read_documents
 from mlm.data.pipeline import build_dataset, build_row_dataset
 from mlm.data.tokenizer import (
     Vocab,
@@ -37,10 +37,9 @@ from mlm.data.tokenizer import (
     vocab_tokens,
 )
 from mlm.errors import ConfigError, DataError
+from mlm.paths import VOCAB_FILENAME, VOCAB_SETTINGS_FILENAME, write_text_atomically
 
-VOCAB_FILENAME = "vocab.txt"
 # What WORKDIR/vocab.txt was trained with, so that a rerun knows whether it may reuse it.
-VOCAB_SETTINGS_FILENAME = "vocab_settings.json"
 # The data fields a trained vocab depends on (with data.lowercase and model.vocab_size).
 _VOCAB_DATA_FIELDS = ("train_files", "tfds_name", "tfds_split", "tfds_data_dir", "text_field")
 # TFDS documents a vocab is trained on when no data.vocab_file is given.

@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mlm.data.corpus import expand_globs, iter_file_documents, write_text_atomically
+from mlm.data.corpus import expand_globs, iter_file_documents
 from mlm.data.prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -50,6 +50,7 @@ from mlm.data.tokenizer import (
     train_wordpiece,
 )
 from mlm.errors import ConfigError, DataError, MlmError, WorkdirError
+from mlm.paths import write_text_atomically
 
 DEFAULT_VOCAB_SIZE = 30522
 DEFAULT_DOCUMENTS_PER_SHARD = 100_000

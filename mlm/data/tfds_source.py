@@ -26,11 +26,11 @@ import grain
 import numpy as np
 
 from mlm.data.builtin_corpus import split_sentences
-from mlm.data.corpus import write_text_atomically
 from mlm.data.instances import Document
 from mlm.data.tfrecord_source import TFRecordDataSource
 from mlm.data.tokenizer import Vocab, encode_sentences
 from mlm.errors import ConfigError, DataError
+from mlm.paths import write_text_atomically
 
 DEFAULT_TEXT_FIELD = "text"
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"

@@ -19,8 +19,8 @@ import numpy as np
 import tokenizers
 from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-from mlm.data.corpus import write_text_atomically
 from mlm.errors import ConfigError, DataError
+from mlm.paths import write_text_atomically
 
 PAD_TOKEN = "[PAD]"
 UNK_TOKEN = "[UNK]"
