@@ -1,4 +1,4 @@
-"""Metric writers: JSON lines, TensorBoard and the console progress bar.
+"""Metric writers: JSON lines, TensorBoard and the console progress.
 
 Only process 0 writes; on the other processes every writer is a no-op.
 """
@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Mapping
+from typing import TextIO
 
 import jax
 import tqdm
@@ -94,7 +97,7 @@ class MetricWriter:
           name: the file stem, e.g. `eval_metrics`.
           step: the step.
         """
-        path = os.path.join(self._workdir, f"{name}.jsonl")
+        path = metrics_path(self._workdir, name)
         if not os.path.exists(path):
             return None
         with open(path) as file:
@@ -117,19 +120,128 @@ def _record_step(line: str) -> int:
         return 2**62
 
 
-def progress_bar(start_step: int, num_steps: int) -> tqdm.tqdm:
-    """Returns the console progress bar (disabled on processes other than 0).
+class ConsoleProgress:
+    """Training progress on stderr (process 0 only).
+
+    On a terminal: a tqdm bar, with the latest loss, accuracy and tokens/s. Elsewhere (a SLURM
+    `.out` file, a log collected over ssh, a notebook's captured stream): one plain line per
+    log interval, flushed at once, with no carriage returns. Messages go through `write`, so
+    they never share a line with the bar.
+    """
+
+    def __init__(
+        self,
+        start_step: int,
+        num_steps: int,
+        stream: TextIO | None = None,
+        interactive: bool | None = None,
+    ):
+        """Starts the progress display.
+
+        Args:
+          start_step: the step training starts from (non-zero when resuming).
+          num_steps: the last step.
+          stream: where to write; default sys.stderr.
+          interactive: draw a bar; default: whether `stream` is a terminal.
+        """
+        self._stream = sys.stderr if stream is None else stream
+        self._enabled = jax.process_index() == 0
+        if interactive is None:
+            interactive = hasattr(self._stream, "isatty") and self._stream.isatty()
+        self._num_steps = num_steps
+        self._started = time.monotonic()
+        self._first: tuple[int, float] | None = None  # The first step done (after compiling).
+        self._bar = None
+        if self._enabled and interactive:
+            self._bar = tqdm.tqdm(
+                total=num_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                mininterval=1.0,
+                file=self._stream,
+            )
+
+    def advance(self, step: int) -> None:
+        """Counts step `step` as done."""
+        if self._first is None:
+            self._first = (step, time.monotonic())
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Shows one log interval's metrics (a line, or the bar's postfix)."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                acc=f"{metrics['masked_lm_accuracy']:.3f}",
+                tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
+            )
+            return
+        self.write(format_progress_line(step, self._num_steps, metrics, *self._times(step)))
+
+    def _times(self, step: int) -> tuple[float, float | None]:
+        """Seconds since the start, and the estimated seconds left (None before a rate)."""
+        now = time.monotonic()
+        remaining = None
+        if self._first is not None and step > self._first[0]:
+            per_step = (now - self._first[1]) / (step - self._first[0])
+            remaining = per_step * (self._num_steps - step)
+        return now - self._started, remaining
+
+    def write(self, message: str) -> None:
+        """Prints a message on its own line (above the bar on a terminal)."""
+        if not self._enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self._stream)
+        else:
+            print(message, file=self._stream, flush=True)
+
+    def close(self) -> None:
+        """Ends the bar's line, so what is printed next starts on its own line."""
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def format_progress_line(
+    step: int,
+    num_steps: int,
+    metrics: Mapping[str, float],
+    elapsed_s: float,
+    remaining_s: float | None,
+) -> str:
+    """One plain progress line: step, loss, accuracy, learning rate, tokens/s and times.
 
     Args:
-      start_step: the step training starts from (non-zero when resuming).
+      step: the step logged.
       num_steps: the last step.
+      metrics: the interval's train metrics (`loss`, `masked_lm_accuracy`, `learning_rate`,
+        and `tokens_per_s` when measured).
+      elapsed_s: seconds since the run started.
+      remaining_s: estimated seconds to the last step, or None.
+
+    Returns:
+      e.g. 'step 40/2000: loss 5.1234, accuracy 0.123, lr 1e-04, 3,184 tokens/s, elapsed
+      0:01:05, remaining 0:52:10'.
     """
-    return tqdm.tqdm(
-        total=num_steps,
-        initial=start_step,
-        desc="train",
-        unit="step",
-        dynamic_ncols=True,
-        mininterval=1.0,
-        disable=jax.process_index() != 0,
-    )
+    parts = [
+        f"loss {metrics['loss']:.4f}",
+        f"accuracy {metrics['masked_lm_accuracy']:.3f}",
+        f"lr {metrics['learning_rate']:.3g}",
+    ]
+    if "tokens_per_s" in metrics:
+        parts.append(f"{metrics['tokens_per_s']:,.0f} tokens/s")
+    parts.append(f"elapsed {_clock(elapsed_s)}")
+    if remaining_s is not None:
+        parts.append(f"remaining {_clock(remaining_s)}")
+    return f"step {step}/{num_steps}: " + ", ".join(parts)

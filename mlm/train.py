@@ -27,7 +27,7 @@ from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
 from mlm.errors import ConfigError, DivergenceError, WorkdirError
 from mlm.experiment import Experiment
-from mlm.metrics import MetricWriter, progress_bar
+from mlm.metrics import ConsoleProgress, MetricWriter
 from mlm.preemption import PreemptionWatcher
 
 
@@ -43,7 +43,7 @@ class _TrainLogger:
         writer: MetricWriter,
         log_every: int,
         last_step: int,
-        bar: Any,
+        progress: ConsoleProgress,
         max_consecutive_skips: int = 2**30,
         last_saved: Callable[[], int | None] = lambda: None,
         extra_metrics: Callable[[int], dict[str, float]] = lambda step: {},
@@ -54,7 +54,7 @@ class _TrainLogger:
         self._last_saved = last_saved
         self._log_every = log_every
         self._last_step = last_step
-        self._bar = bar
+        self._progress = progress
         self._pending: tuple[int, Any, int] | None = None
         self._aggregated = None
         self._tokens = 0
@@ -89,7 +89,7 @@ class _TrainLogger:
     def _process(self, step: int, device_logs: Any, num_tokens: int) -> None:
         host_logs = jax.device_get(device_logs)
         now = time.perf_counter()
-        self._bar.update(1)
+        self._progress.advance(step)
         self._aggregated = task.aggregate_logs(self._aggregated, host_logs)
         self._check_divergence(step, int(host_logs.get("consecutive_skips", 0)))
         if self._interval_start is None:
@@ -107,11 +107,7 @@ class _TrainLogger:
             metrics["tokens_per_s"] = self._tokens / elapsed
             metrics["steps_per_s"] = self._steps / elapsed
         self._writer.write("metrics", metrics)
-        self._bar.set_postfix(
-            loss=f"{metrics['loss']:.4f}",
-            acc=f"{metrics['masked_lm_accuracy']:.3f}",
-            tok_s=f"{metrics.get('tokens_per_s', 0):.0f}",
-        )
+        self._progress.log(step, metrics)
         self.last_metrics = metrics
         self._aggregated, self._tokens, self._steps = None, 0, 0
         self._interval_start = now
@@ -214,6 +210,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
     parallel.check_batch_size(
         config.train.global_batch_size, config.optimizer.grad_accum_steps, mesh
     )
+    _report(f"preparing the input data in {workdir} (the vocab is built on first use)...")
     inputs: Inputs = build_inputs(
         config,
         workdir,
@@ -239,7 +236,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         manager = checkpoint.open_reader(directory)
     else:
         manager = checkpoint.make_manager(directory, config.train.keep_checkpoints)
-    best_manager, writer, bar = None, None, None
+    best_manager, writer, progress = None, None, None
     pending: BaseException | None = None
     try:
         train_iter = None
@@ -275,10 +272,13 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             results["eval"] = metrics
             if best_manager is not None:
                 checkpoint.save_best(best_manager, step, state, metrics)
-            if jax.process_index() == 0:
-                shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
-                which = " (EMA params)" if state.ema_params is not None else ""
-                print(f"eval step {step}{which}: {shown}", file=sys.stderr)
+            shown = {k: round(v, 4) for k, v in metrics.items() if k != "step"}
+            which = " (EMA params)" if state.ema_params is not None else ""
+            message = f"eval step {step}{which}: {shown}"
+            if progress is not None:
+                progress.write(message)  # Above the bar, never on its line.
+            else:
+                _report(message)
 
         if mode == "eval":
             run_eval(int(state.step))
@@ -301,12 +301,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
                 f"checkpoint step {start} >= train.num_steps {last}: nothing to train",
                 file=sys.stderr,
             )
-        bar = progress_bar(start, last)
+        progress = ConsoleProgress(start, last)
+        if start < last:
+            progress.write(f"compiling the train step; training steps {start + 1} to {last}...")
         logger = _TrainLogger(
             writer,
             config.train.log_every,
             last,
-            bar,
+            progress,
             config.train.max_consecutive_skips,
             manager.latest_step,
             functools.partial(_privacy_metrics, config),
@@ -331,7 +333,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
                 if eval_now:
                     run_eval(step)
                 if stop:
-                    bar.close()
+                    progress.close()
                     _report(
                         f"{watcher.signal_name}: saved a checkpoint at step {step} and stopped; "
                         "run the same command to resume"
@@ -340,7 +342,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
                     results["preempted"] = {"step": step}
                     return results
         logger.flush()
-        bar.close()
+        progress.close()
         results["train"] = logger.last_metrics
         if config.privacy.enabled:
             results["train"].update(_privacy_metrics(config, last))
@@ -350,8 +352,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         pending = error
         raise
     finally:
-        if bar is not None:
-            bar.close()  # So an error message starts on its own line.
+        if progress is not None:
+            progress.close()  # So an error message starts on its own line.
         _close(manager, best_manager, writer, pending)
 
 

@@ -1,6 +1,7 @@
 """End-to-end tests of the driver: a short real run on the built-in corpus, resume, errors."""
 
 import glob
+import io
 import json
 import os
 import shutil
@@ -161,6 +162,31 @@ def test_cli_unknown_override_exits_2_with_one_line(tmp_path):
     assert len(lines) == 1
     assert "unknown config field 'model.hiden_size'" in lines[0]
     assert "did you mean 'model.hidden_size'" in lines[0]
+
+
+def test_cli_log_to_a_file_is_plain_lines_one_per_interval(tmp_path):
+    log = tmp_path / "train.log"
+    with open(log, "w") as stderr:  # As a batch job's .out file: not a terminal.
+        result = subprocess.run(
+            [sys.executable, "-m", "mlm.train", "--config", "configs/quickstart.py"]
+            + [f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=12"]
+            + ["--config.train.log_every=4", "--config.train.eval_every=12"]
+            + ["--config.train.eval_steps=2", "--config.train.checkpoint_every=12"]
+            + ["--config.optimizer.warmup_steps=2"],
+            cwd=ROOT,
+            stderr=stderr,
+            stdout=subprocess.DEVNULL,
+            timeout=300,
+        )
+    text = log.read_text()
+    assert result.returncode == 0, text[-2000:]
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert lines[0].startswith("preparing the input data in ")  # Before the vocab is built.
+    assert "compiling the train step; training steps 1 to 12..." in lines
+    steps = [line.split(":")[0] for line in lines if line.startswith("step ")]
+    assert steps == ["step 4/12", "step 8/12", "step 12/12"]
+    assert [line for line in lines if line.startswith("eval step 12: {")]
 
 
 def test_fill_mask_cli_prints_predictions(trained):
@@ -354,11 +380,12 @@ def test_worker_count_is_fixed_for_a_run_but_prefetch_is_not(source_configs, tmp
 
 def test_consecutive_skipped_updates_stop_the_run_naming_the_last_checkpoint(tmp_path):
     from mlm.errors import DivergenceError
-    from mlm.metrics import MetricWriter, progress_bar
+    from mlm.metrics import ConsoleProgress, MetricWriter
     from mlm.train import _TrainLogger
 
     writer = MetricWriter(str(tmp_path))
-    logger = _TrainLogger(writer, 1, 20, progress_bar(0, 20), 3, lambda: 4)
+    progress = ConsoleProgress(0, 20, stream=io.StringIO())
+    logger = _TrainLogger(writer, 1, 20, progress, 3, lambda: 4)
     base = {"loss": 1.0, "grad_norm": 1.0, "learning_rate": 0.1, "lm_weight_sum": 1.0}
     logger.add(5, dict(base, skipped_steps=0, consecutive_skips=0), 10)
     for step, count in ((6, 1), (7, 2), (8, 3)):
