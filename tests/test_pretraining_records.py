@@ -1,5 +1,6 @@
 """Tests for mlm.data.pretraining_records: BERT pretraining TFRecords written, checked, read."""
 
+import gzip
 import os
 import pickle
 
@@ -257,3 +258,53 @@ def test_write_records_leaves_nothing_when_it_fails(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         records.write_records(path, rows())
     assert os.listdir(tmp_path / "out") == []
+
+
+def gzip_file(path):
+    """Writes `path + '.gz'`, the gzip-compressed copy of `path`; returns its path."""
+    with open(path, "rb") as file, gzip.open(path + ".gz", "wb") as zipped:
+        zipped.write(file.read())
+    return path + ".gz"
+
+
+def test_gzip_files_give_the_same_batches_and_resume_exactly(tmp_path):
+    import json
+
+    from mlm.data.pipeline import build_row_dataset
+
+    rng = np.random.default_rng(10)
+    paths = [
+        write(tmp_path, f"{name}.tfrecord", [make_row(rng) for _ in range(9)]) for name in "ab"
+    ]
+    zipped = [gzip_file(path) for path in paths]
+
+    def batches(files):
+        source = TFRecordDataSource(files, cache_dir=str(tmp_path / "cache"))
+        rows = records.record_rows(source, seq_length=16, max_predictions=4, vocab_size=VOCAB_SIZE)
+        return iter(build_row_dataset(rows, batch_size=4, seed=5, train=True))
+
+    plain, compressed = batches(paths), batches(zipped)
+    for _ in range(5):  # Into the second epoch (18 rows).
+        expected, batch = next(plain), next(compressed)
+        for key in ROW_KEYS:
+            np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+    state = json.loads(json.dumps(compressed.get_state()))
+    following = [next(compressed) for _ in range(3)]
+    resumed = batches(zipped)
+    resumed.set_state(state)
+    for expected in following:
+        batch, uncompressed = next(resumed), next(plain)
+        for key in ROW_KEYS:
+            np.testing.assert_array_equal(batch[key], expected[key], err_msg=key)
+            np.testing.assert_array_equal(uncompressed[key], expected[key], err_msg=key)
+
+    # Shapes are checked as for plain files, naming the .gz file.
+    mixed = write(tmp_path, "mixed.tfrecord", [make_row(rng), make_row(rng, seq_length=32)])
+    source = TFRecordDataSource([gzip_file(mixed)], cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ConfigError, match="the records have seq_length 16 but data.seq_length"):
+        records.check_records_match(
+            records.inspect_records(source), seq_length=32, max_predictions=4, files_desc="f"
+        )
+    dataset = records.record_rows(source, seq_length=16, max_predictions=4, vocab_size=VOCAB_SIZE)
+    with pytest.raises(DataError, match=f"{mixed}.gz record 1: has seq_length 32"):
+        dataset[1]
