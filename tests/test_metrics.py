@@ -51,3 +51,27 @@ def test_on_a_terminal_messages_never_share_the_bars_line():
     assert "\r" in text  # The bar redraws in place.
     assert "\neval step 1: {}\n" in text.replace("\r", "\n")
     assert "eval step 1: {}" in text.splitlines()  # A line of its own.
+
+
+def test_tensorboard_reads_the_scalars_the_json_lines_hold(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlm.metrics import MetricWriter
+
+    writer = MetricWriter(str(tmp_path))
+    for step, loss in ((4, 8.921), (8, 8.3407)):
+        writer.write("metrics", {"step": step, "loss": loss, "masked_lm_accuracy": step / 100})
+    writer.write("eval_metrics", {"step": 8, "validation_loss": 8.2})
+    writer.close()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = {
+        tag: [(event.step, round(event.value, 4)) for event in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
+    }
+    assert scalars["train/loss"] == [(r["step"], r["loss"]) for r in logged]
+    assert scalars["train/masked_lm_accuracy"] == [(4, 0.04), (8, 0.08)]
+    assert scalars["eval/validation_loss"] == [(8, 8.2)]
