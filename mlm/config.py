@@ -138,6 +138,11 @@ def base_config() -> ml_collections.ConfigDict:
             # Non-finite updates are skipped; this many in a row stop the run (divergence).
             max_consecutive_skips=5,
             seed=42,
+            # Also report the train and eval scalars and the config to Weights & Biases (the
+            # wandb extra; process 0 only); empty: off. WANDB_MODE=offline keeps it local.
+            wandb_project="",
+            # The W&B run's display name; empty: W&B picks one.
+            wandb_run_name="",
         )
     )
     config.mesh = ml_collections.ConfigDict(

@@ -5,19 +5,28 @@ Only process 0 writes; on the other processes every writer is a no-op.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Mapping
-from typing import TextIO
+from typing import Any, TextIO
 
 import jax
+import ml_collections
 import tqdm
 from tensorboardX import SummaryWriter
 
-from mlm.paths import TENSORBOARD_DIRNAME, metrics_path, write_text_atomically
+from mlm.errors import ConfigError
+from mlm.paths import (
+    TENSORBOARD_DIRNAME,
+    WANDB_ID_FILENAME,
+    metrics_path,
+    write_text_atomically,
+)
 
 
 def _jsonable(value: float | int) -> float | int | str | None:
@@ -38,12 +47,14 @@ class MetricWriter:
       workdir: the run directory; events go to `workdir/tensorboard`.
       start_step: the step the run starts from (the restored checkpoint's, or 0); None for a
         reader (e.g. `--mode eval`) that only appends.
+      wandb_run: a Weights & Biases run (`start_wandb`) that also gets every record, or None.
     """
 
-    def __init__(self, workdir: str, start_step: int | None = 0):
+    def __init__(self, workdir: str, start_step: int | None = 0, wandb_run: Any = None):
         self._workdir = workdir
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
+        self._wandb_run = wandb_run
         if self._enabled:
             if start_step is not None:
                 self.drop_after(start_step)
@@ -67,10 +78,12 @@ class MetricWriter:
             file.write(json.dumps(record) + "\n")
         prefix = "eval" if name.startswith("eval") else "train"
         step = int(metrics["step"])
-        for key, value in metrics.items():
-            if key != "step":
-                self._tensorboard.add_scalar(f"{prefix}/{key}", value, step)
+        scalars = {f"{prefix}/{key}": value for key, value in metrics.items() if key != "step"}
+        for tag, value in scalars.items():
+            self._tensorboard.add_scalar(tag, value, step)
         self._tensorboard.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(scalars, step=step)
 
     def drop_after(self, step: int) -> None:
         """Removes JSON-lines records of steps after `step` (a resumed run logs them again).
@@ -110,6 +123,59 @@ class MetricWriter:
         """Flushes and closes the TensorBoard writer."""
         if self._tensorboard is not None:
             self._tensorboard.close()
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+def require_wandb(config: ml_collections.ConfigDict) -> None:
+    """Checks, before a run starts, that W&B is installed when `train.wandb_project` is set.
+
+    Raises:
+      ConfigError: `train.wandb_project` without the `wandb` extra.
+    """
+    if not config.train.wandb_project:
+        return
+    if importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"train.wandb_project '{config.train.wandb_project}' needs wandb; install the wandb "
+            "extra (pip install -e '.[wandb]') or leave train.wandb_project empty"
+        )
+
+
+def start_wandb(config: ml_collections.ConfigDict, workdir: str) -> Any:
+    """Starts (or, for a resumed run, continues) the W&B run of a workdir on process 0.
+
+    The run's id is kept in `WORKDIR/wandb_run_id`, so the same command after a stop or a
+    preemption continues the same W&B run; W&B keeps its own files in `WORKDIR/wandb/`.
+
+    Args:
+      config: the run's config (`train.wandb_project`, `train.wandb_run_name`), also sent as
+        the W&B run's config.
+      workdir: the run directory.
+
+    Returns:
+      The W&B run, or None (no project set, or not process 0).
+    """
+    if not config.train.wandb_project or jax.process_index() != 0:
+        return None
+    import wandb
+
+    id_path = os.path.join(workdir, WANDB_ID_FILENAME)
+    if os.path.exists(id_path):
+        with open(id_path) as file:
+            run_id = file.read().strip()
+    else:
+        run_id = secrets.token_hex(4)  # W&B run ids: lower-case letters and digits.
+        write_text_atomically(id_path, run_id + "\n")
+    return wandb.init(
+        project=config.train.wandb_project,
+        name=config.train.wandb_run_name or None,
+        id=run_id,
+        resume="allow",
+        dir=workdir,
+        config=config.to_dict(),
+    )
 
 
 def _record_step(line: str) -> int:

@@ -10,6 +10,7 @@ A workdir holds:
   init_report.txt      what `train.init_checkpoint` copied
   lock                 held by the run that writes the workdir (`mlm.workdir.locked`)
   previous_runs/N/     what a new run in a used workdir set aside
+  wandb_run_id, wandb/ the Weights & Biases run a resumed run continues (train.wandb_project)
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ DAMAGED_DIRNAME = "damaged"
 INIT_REPORT_FILENAME = "init_report.txt"
 LOCK_FILENAME = "lock"
 PREVIOUS_DIRNAME = "previous_runs"
+WANDB_ID_FILENAME = "wandb_run_id"
 
 
 def metrics_path(workdir: str, name: str) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 from mlm import checkpoint, distributed, initialize, kernels, parallel, paths, privacy, task
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
+from mlm import metrics as metrics_lib
 from mlm import workdir as workdir_lib
 from mlm.data.inputs import Inputs, build_inputs
 from mlm.data.pipeline import first_batch, prefetch
@@ -187,6 +188,7 @@ def train_and_evaluate(
         raise ConfigError(f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'")
     config = config_lib.validate(config)
     privacy.require_accountant(config)
+    metrics_lib.require_wandb(config)
     if mode != "eval":
         for line in config_lib.warnings_for(config):
             _report(f"warning: {line}")
@@ -252,7 +254,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
                 os.path.join(workdir, paths.BEST_DIRNAME), config.train.best_metric
             )
         # A reader appends; a run drops what an earlier attempt logged after its start step.
-        writer = MetricWriter(workdir, start_step=None if mode == "eval" else latest)
+        writer = MetricWriter(
+            workdir,
+            start_step=None if mode == "eval" else latest,
+            wandb_run=None if mode == "eval" else metrics_lib.start_wandb(config, workdir),
+        )
         if mode != "eval":  # An evaluation leaves the run's config.json as it is.
             workdir_lib.write_config(config, workdir)
         results: dict[str, dict[str, float]] = {"train": {}, "eval": {}}

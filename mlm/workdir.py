@@ -32,6 +32,7 @@ from mlm.paths import (
     INIT_REPORT_FILENAME,
     LOCK_FILENAME,
     PREVIOUS_DIRNAME,
+    WANDB_ID_FILENAME,
     write_text_atomically,
 )
 
@@ -265,8 +266,8 @@ def set_aside_previous_run(workdir: str) -> str | None:
     """Moves what an earlier run with no checkpoint left that a new run would mix with its own.
 
     A new run in a workdir whose checkpoints are gone (deleted, or the first save never
-    finished) starts from step 0; the earlier run's best checkpoint (`checkpoints_best/`) and
-    `init_report.txt` are moved to `previous_runs/N/` (never deleted). Its metric records are
+    finished) starts from step 0; the earlier run's best checkpoint (`checkpoints_best/`),
+    `init_report.txt` and `wandb_run_id` are moved to `previous_runs/N/` (never deleted). Its metric records are
     dropped by the new run's MetricWriter, as a resumed run drops those after its step.
 
     Returns:
@@ -274,7 +275,7 @@ def set_aside_previous_run(workdir: str) -> str | None:
     """
     names = [
         name
-        for name in (BEST_DIRNAME, INIT_REPORT_FILENAME)
+        for name in (BEST_DIRNAME, INIT_REPORT_FILENAME, WANDB_ID_FILENAME)
         if os.path.isfile(os.path.join(workdir, name))
         or (os.path.isdir(os.path.join(workdir, name)) and os.listdir(os.path.join(workdir, name)))
     ]

@@ -75,3 +75,110 @@ def test_tensorboard_reads_the_scalars_the_json_lines_hold(tmp_path):
     assert scalars["train/loss"] == [(r["step"], r["loss"]) for r in logged]
     assert scalars["train/masked_lm_accuracy"] == [(4, 0.04), (8, 0.08)]
     assert scalars["eval/validation_loss"] == [(8, 8.2)]
+
+
+def wandb_records(path) -> list:
+    """The records of a W&B run file (`run-ID.wandb`): W&B's 7-byte header, then LevelDB's log
+    format (32 KiB blocks of chunks: crc32 uint32, length uint16, type uint8; 1 full, 2 first,
+    3 middle, 4 last), each record a `wandb_internal_pb2.Record`, as `wandb sync` reads it."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    records, pending, position = [], b"", 7
+    while position + 7 <= len(data):
+        left_in_block = 32768 - position % 32768
+        if left_in_block < 7:
+            position += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:
+            break
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            records.append(record)
+            pending = b""
+    return records
+
+
+def wandb_history(path) -> list[dict]:
+    """The logged rows of a W&B run file: {key: value} with `_step`, W&B's own keys dropped."""
+    import json
+
+    rows = []
+    for record in wandb_records(path):
+        if record.WhichOneof("record_type") == "history":
+            items = {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                for item in record.history.item
+            }
+            rows.append({k: v for k, v in items.items() if k == "_step" or not k.startswith("_")})
+    return rows
+
+
+def test_wandb_gets_the_same_scalars_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch):
+    import json
+
+    from mlm import config as config_lib
+    from mlm.metrics import MetricWriter, start_wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    config = config_lib.base_config()
+    config.train.update(wandb_project="mlm-test", wandb_run_name="tiny", num_steps=8)
+    workdir = str(tmp_path)
+    for steps in ((2, 4), (6, 8)):  # A run, then the same workdir resumed from step 4.
+        writer = MetricWriter(
+            workdir, start_step=steps[0] - 2, wandb_run=start_wandb(config, workdir)
+        )
+        for step in steps:
+            writer.write("metrics", {"step": step, "loss": 9.0 - step / 4})
+        writer.write("eval_metrics", {"step": steps[-1], "validation_loss": 8.0 - step / 8})
+        writer.close()
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
+    histories = [wandb_history(run / f"run-{run_id}.wandb") for run in runs]
+    assert histories == [
+        [
+            {"train/loss": 8.5, "_step": 2},
+            {"train/loss": 8.0, "eval/validation_loss": 7.5, "_step": 4},
+        ],
+        [
+            {"train/loss": 7.5, "_step": 6},
+            {"train/loss": 7.0, "eval/validation_loss": 7.0, "_step": 8},
+        ],
+    ]
+    (run,) = [r.run for r in wandb_records(runs[0] / f"run-{run_id}.wandb") if r.HasField("run")]
+    assert (run.run_id, run.project, run.display_name) == (run_id, "mlm-test", "tiny")
+    sent = {item.key: json.loads(item.value_json) for item in run.config.update}
+    assert sent["train"]["num_steps"] == 8
+
+
+def test_wandb_project_without_wandb_is_one_line_before_the_run(monkeypatch):
+    import importlib.util
+
+    import pytest
+
+    from mlm import config as config_lib
+    from mlm.errors import ConfigError
+    from mlm.metrics import require_wandb
+
+    config = config_lib.base_config()
+    require_wandb(config)  # Off: nothing to check.
+    config.train.wandb_project = "mlm-test"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "wandb" else real_find_spec(name, *args),
+    )
+    with pytest.raises(
+        ConfigError, match=r"^train.wandb_project 'mlm-test' needs wandb; .*'\.\[wandb\]'"
+    ):
+        require_wandb(config)

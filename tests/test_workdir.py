@@ -107,10 +107,13 @@ def test_a_new_run_sets_the_earlier_runs_best_checkpoint_aside(tmp_path):
     best.mkdir(parents=True)
     (best / "file").write_text("kept")
     (tmp_path / "init_report.txt").write_text("the earlier run's report")
+    (tmp_path / "wandb_run_id").write_text("0123abcd\n")  # A new run starts a new W&B run.
     moved = workdir.set_aside_previous_run(str(tmp_path))
     assert moved == os.path.join(str(tmp_path), "previous_runs", "1")
     assert (tmp_path / "previous_runs" / "1" / "init_report.txt").exists()
     assert not (tmp_path / "init_report.txt").exists()
+    assert (tmp_path / "previous_runs" / "1" / "wandb_run_id").read_text() == "0123abcd\n"
+    assert not (tmp_path / "wandb_run_id").exists()
     assert (
         tmp_path / "previous_runs" / "1" / "checkpoints_best" / "20" / "file"
     ).read_text() == "kept"
