@@ -4,6 +4,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,33 @@ printf '%q ' "$(basename "$0")" "$@" >> "$CALL_LOG"
 printf '\\n' >> "$CALL_LOG"
 if [[ -n ${FAIL_MATCH:-} && "$*" == *"$FAIL_MATCH"* ]]; then exit 1; fi
 """
+# The recorder answering as the TPU API and worker 0 would: `describe` prints the next line of
+# $TPU_STATES (the last line stays; GONE fails, as for a deleted slice) and worker 0's poll prints
+# a log line and `mlm_train: LINES STATUS`, STATUS the next line of $TRAIN_STATUSES. Both files
+# are optional: READY and 0.
+GCLOUD = (
+    RECORDER
+    + r"""next_line() {
+  head -n 1 "$1"
+  if (($(wc -l <"$1") > 1)); then sed -i 1d "$1"; fi
+}
+case " $* " in
+  *" describe "*)
+    state=READY
+    [[ -f ${TPU_STATES:-} ]] && state=$(next_line "$TPU_STATES")
+    [[ $state == GONE ]] && exit 1
+    echo "$state"
+    ;;
+  *" --worker=0 "*)
+    status=0
+    [[ -f ${TRAIN_STATUSES:-} ]] && status=$(next_line "$TRAIN_STATUSES")
+    echo "step 1 loss 9.9"
+    echo "mlm_train: 1 $status"
+    ;;
+esac
+exit 0
+"""
+)
 
 
 def write_executable(path, text: str) -> str:
@@ -106,9 +134,11 @@ def test_local_two_processes_log_what_one_process_logs(tmp_path):
         two = [json.loads(line) for line in file]
     assert [record["step"] for record in two] == [2, 4]
     assert os.listdir(workdir / "checkpoints") == ["4"]
-    lines = result.stdout.replace("\r", "\n").splitlines()
+    lines = result.stdout.splitlines()
     assert lines and all(line.startswith(("[0] ", "[1] ")) for line in lines if line)
-    assert "[0] train: 100%" in result.stdout
+    assert "\r" not in result.stdout  # Piped: plain progress lines, from process 0 only.
+    progress = [line.split(":")[0] for line in lines if line.startswith(("[0] step", "[1] step"))]
+    assert progress == ["[0] step 2/4", "[0] step 4/4"]
     single = tmp_path / "single"
     args[args.index(str(workdir))] = str(single)
     one_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -168,12 +198,23 @@ def stand_ins(tmp_path):
     """Puts recording `gcloud` and `srun` first on PATH; returns (env, read calls)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for name in ("gcloud", "srun"):
-        write_executable(bin_dir / name, RECORDER)
+    write_executable(bin_dir / "gcloud", GCLOUD)
+    write_executable(bin_dir / "srun", RECORDER)
     log = tmp_path / "calls.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MLM_"))}
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALL_LOG=str(log))
-    for name in ("NAME", "ZONE", "ACCELERATOR_TYPE", "RUNTIME_VERSION", "CONFIG", "WORKDIR"):
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", CALL_LOG=str(log), MLM_TPU_POLL_S="0")
+    for name in (
+        "NAME",
+        "ZONE",
+        "ACCELERATOR_TYPE",
+        "RUNTIME_VERSION",
+        "CONFIG",
+        "WORKDIR",
+        "SPOT",
+        "PREEMPTIBLE",
+        "MAX_RESTARTS",
+        "KEEP",
+    ):
         env.pop(name, None)
 
     def calls() -> list[list[str]]:
@@ -213,13 +254,24 @@ TPU_ARGS = [
 ]
 
 
+def training_command(start: str) -> str:
+    """The mlm.train command inside the ssh command that starts training detached."""
+    words = shlex.split(start.removeprefix("--command="))
+    at = words.index("nohup")
+    assert words[at : at + 4] == ["nohup", "setsid", "bash", "-c"]
+    assert words[-6:] == [">", "~/mlm_train.log", "2>&1", "<", "/dev/null", "&"]
+    run = words[at + 4]
+    assert run.startswith("trap stopped=1 TERM; ")
+    return run.split("; ")[1]
+
+
 def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
     env, calls = stand_ins
     result = run_script("tpu_vm.sh", TPU_ARGS, env)
     assert result.returncode == 0, result.stderr
     recorded = calls()
-    assert [call[:4] for call in recorded] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 5
-    create, scp, install, train, delete = (call[4:] for call in recorded)
+    assert [call[:4] for call in recorded] == [["gcloud", "compute", "tpus", "tpu-vm"]] * 7
+    create, scp, install, start, describe, poll, delete = (call[4:] for call in recorded)
     assert create[:2] == ["create", "mlm-test"]
     assert {"--zone=us-central2-b", "--accelerator-type=v4-32"} <= set(create)
     assert "--version=tpu-ubuntu2204-base" in create
@@ -241,8 +293,8 @@ def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
     assert (
         "gcsfuse --implicit-dirs --rename-dir-limit=1000000 bucket ~/gcs/bucket" in install_command
     )
-    assert train[:2] == ["ssh", "mlm-test"] and "--worker=all" in train
-    command = train[-1].removeprefix("--command=")
+    assert start[:2] == ["ssh", "mlm-test"] and "--worker=all" in start
+    command = training_command(start[-1])
     assert shlex.split(command)[3:] == [
         "python3",
         "-m",
@@ -255,8 +307,15 @@ def test_tpu_vm_creates_installs_trains_and_deletes(stand_ins):
         "--mode",
         "train",
     ]
-    assert "gs://" not in command
+    assert "gs://" not in start[-1]
     assert "workdir: gs://bucket/run is ~/gcs/bucket/run on every worker" in result.stderr
+    # Training runs detached; the script polls the slice's state and worker 0 until it ends.
+    assert "follow worker 0 with: gcloud compute tpus tpu-vm ssh mlm-test" in result.stderr
+    assert "--command='tail -f ~/mlm_train.log'" in result.stderr
+    assert describe == ["describe", "mlm-test", "--zone=us-central2-b", "--format=value(state)"]
+    assert poll[:2] == ["ssh", "mlm-test"] and "--worker=0" in poll
+    assert "step 1 loss 9.9" in result.stdout  # Worker 0's log lines are printed here.
+    assert "training finished on mlm-test" in result.stderr
     assert delete[:2] == ["delete", "mlm-test"] and "--quiet" in delete
 
 
@@ -267,7 +326,7 @@ def test_tpu_vm_commands_install_mount_and_train_on_a_worker(stand_ins, tmp_path
     args[args.index("--workdir") + 1] = "gs://my-bucket.data/runs/base 1"
     result = run_script("tpu_vm.sh", args, env)
     assert result.returncode == 0, result.stderr
-    install, train = (call[-1].removeprefix("--command=") for call in calls()[2:4])
+    install, start, _, poll = (call[-1].removeprefix("--command=") for call in calls()[2:6])
     mount_part, _, rest = install.partition(" && rm -rf ~/mlm")
     assert rest  # The package install follows the mount.
 
@@ -275,13 +334,25 @@ def test_tpu_vm_commands_install_mount_and_train_on_a_worker(stand_ins, tmp_path
     (home / "mlm").mkdir(parents=True)
     bin_dir = tmp_path / "worker_bin"
     bin_dir.mkdir()
-    for tool in ("bash", "basename", "cat", "cp", "dirname", "mkdir"):
+    tools = ("bash", "basename", "cat", "cp", "dirname", "mkdir", "mv", "nohup", "rm", "sed")
+    for tool in (*tools, "setsid", "sleep", "wc"):
         os.symlink(shutil.which(tool), bin_dir / tool)
     log = tmp_path / "worker.log"
     write_executable(bin_dir / "lsb_release", "#!/usr/bin/env bash\necho jammy\n")
     write_executable(bin_dir / "mountpoint", RECORDER + "exit $MOUNTED\n")
     write_executable(bin_dir / "gcsfuse.deb", RECORDER)
-    write_executable(bin_dir / "python3", RECORDER)
+    # Training logs a line; with $PIDS it waits for SIGTERM (and then exits 0, as mlm.train does).
+    write_executable(
+        bin_dir / "python3",
+        RECORDER
+        + """echo "step 1 loss 9.9"
+if [[ -n ${PIDS:-} ]]; then
+  trap 'exit 0' TERM
+  echo "$PPID $$" > "$PIDS"
+  for ((i = 0; i < 400; i++)); do sleep 0.05; done  # At most 20 s, should the test fail.
+fi
+""",
+    )
     # `sudo tee FILE` logs what it is given; `sudo apt-get ... install ... gcsfuse` installs it.
     write_executable(
         bin_dir / "sudo",
@@ -296,7 +367,7 @@ exit 0
     def on_worker(command: str) -> list[str]:
         log.write_text("")
         done = subprocess.run(
-            ["bash", "-c", command], env=worker_env, capture_output=True, text=True
+            ["bash", "-c", command], env=worker_env, capture_output=True, text=True, timeout=30
         )
         assert done.returncode == 0, done.stderr
         return log.read_text().splitlines()
@@ -317,10 +388,44 @@ exit 0
     # Again, now that gcsfuse is installed and the bucket mounted: nothing to do.
     worker_env["MOUNTED"] = "0"
     assert on_worker(mount_part) == [f"mountpoint -q {mount_point} "]
-    # Training gets the mounted path, the ~ expanded on the worker and the space kept.
-    [trained] = on_worker(train)
+    # Training starts detached, gets the mounted path (the ~ expanded on the worker and the space
+    # kept), logs to ~/mlm_train.log and leaves its exit status in ~/mlm_train.status.
+    status_file = home / "mlm_train.status"
+
+    def wait_for_status() -> str:
+        deadline = time.monotonic() + 20
+        while not status_file.exists():
+            assert time.monotonic() < deadline, "training never wrote ~/mlm_train.status"
+            time.sleep(0.05)
+        return status_file.read_text().strip()
+
+    on_worker(start)
+    assert wait_for_status() == "0"
+    [trained] = log.read_text().splitlines()
     trained_args = shlex.split(trained)
     assert trained_args[trained_args.index("--workdir") + 1] == f"{mount_point}/runs/base 1"
+    assert (home / "mlm_train.log").read_text() == "step 1 loss 9.9\n"
+    # Worker 0's answer to a poll: the log lines not shown yet, then the line count and status.
+    answer = subprocess.run(
+        ["bash", "-c", poll], env=worker_env, capture_output=True, text=True, check=True
+    )
+    assert answer.stdout == "step 1 loss 9.9\nmlm_train: 1 0\n"
+    status_file.unlink()
+    answer = subprocess.run(
+        ["bash", "-c", poll], env=worker_env, capture_output=True, text=True, check=True
+    )
+    assert answer.stdout.endswith("mlm_train: 1 running\n")
+    # SIGTERM (a preempted VM shutting down) reaches the wrapper and training: the status says so.
+    pids = tmp_path / "pids"
+    worker_env["PIDS"] = str(pids)
+    on_worker(start)
+    deadline = time.monotonic() + 20
+    while not pids.exists() or not pids.read_text().endswith("\n"):
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.05)
+    for pid in pids.read_text().split():
+        os.kill(int(pid), signal.SIGTERM)
+    assert wait_for_status() == "stopped"
 
 
 def test_tpu_vm_deletes_the_slice_when_training_fails(stand_ins):
@@ -329,6 +434,130 @@ def test_tpu_vm_deletes_the_slice_when_training_fails(stand_ins):
     result = run_script("tpu_vm.sh", TPU_ARGS, env)
     assert result.returncode == 1
     assert [call[4] for call in calls()] == ["create", "scp", "ssh", "ssh", "delete"]
+
+
+def test_tpu_vm_exits_with_the_training_status_of_worker_0(stand_ins, tmp_path):
+    env, calls = stand_ins
+    (tmp_path / "statuses").write_text("running\nrunning\n3\n")
+    env["TRAIN_STATUSES"] = str(tmp_path / "statuses")
+    result = run_script("tpu_vm.sh", ["--spot", *TPU_ARGS], env)
+    assert result.returncode == 3  # A failure that is not a preemption is not retried.
+    assert [call[4] for call in calls()] == [
+        *["create", "scp", "ssh", "ssh"],
+        *["describe", "ssh"] * 3,
+        "delete",
+    ]
+    assert "error: training failed on worker 0 of mlm-test with exit status 3" in result.stderr
+
+
+def test_tpu_vm_dry_run_prints_the_commands_a_run_makes_and_calls_nothing(stand_ins):
+    env, calls = stand_ins
+    dry = run_script("tpu_vm.sh", ["--dry-run", *TPU_ARGS], env)
+    assert dry.returncode == 0, dry.stderr
+    assert calls() == []
+    lines = [shlex.split(line) for line in dry.stdout.splitlines() if not line.startswith("#")]
+    assert lines[1][:2] == ["tar", "-czf"]
+    printed = lines[:1] + lines[2:]
+    # The same commands, in the same order, as a run whose training ends at the first poll.
+    run = run_script("tpu_vm.sh", TPU_ARGS, env)
+    assert run.returncode == 0, run.stderr
+    recorded = calls()
+    assert recorded[1][5].endswith("/mlm.tar.gz")
+    recorded[1][5] = "mlm.tar.gz"
+    assert printed == recorded
+
+
+def test_tpu_vm_detach_returns_once_training_started(stand_ins):
+    env, calls = stand_ins
+    result = run_script("tpu_vm.sh", ["--detach", *TPU_ARGS], env)
+    assert result.returncode == 0, result.stderr
+    assert [call[4] for call in calls()] == ["create", "scp", "ssh", "ssh"]  # No poll, no delete.
+    assert "--command='tail -f ~/mlm_train.log'" in result.stderr
+    assert "kept TPU VM mlm-test (--detach)" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("states", "statuses", "after_start"),
+    [
+        # Preempted while training: deleted and created again.
+        ("READY PREEMPTED READY", "running 0", ["describe", "ssh", "describe", "delete"]),
+        # Gone (describe fails three times): created again.
+        ("GONE GONE GONE READY", "0", ["describe"] * 3),
+        # SIGTERM stopped training (it saved a checkpoint) before the state changed.
+        ("READY", "stopped 0", ["describe", "ssh", "delete"]),
+    ],
+)
+def test_tpu_vm_spot_recreates_a_preempted_slice_and_resumes(
+    stand_ins, tmp_path, states, statuses, after_start
+):
+    env, calls = stand_ins
+    (tmp_path / "states").write_text("\n".join(states.split()) + "\n")
+    (tmp_path / "statuses").write_text("\n".join(statuses.split()) + "\n")
+    env.update(TPU_STATES=str(tmp_path / "states"), TRAIN_STATUSES=str(tmp_path / "statuses"))
+    result = run_script("tpu_vm.sh", ["--spot", *TPU_ARGS], env)
+    assert result.returncode == 0, result.stderr
+    recorded = calls()
+    start = ["create", "scp", "ssh", "ssh"]
+    assert [call[4] for call in recorded] == [
+        *start,
+        *after_start,
+        *start,
+        *["describe", "ssh", "delete"],
+    ]
+    creates = [call for call in recorded if call[4] == "create"]
+    assert creates[0] == creates[1] and "--spot" in creates[0]
+    # The same training command again: it resumes from the workdir's last checkpoint.
+    first, second = (call for call in recorded if "nohup" in call[-1])
+    assert first == second
+    assert "recreating it (restart 1 of 5), training resumes from gs://bucket/run" in result.stderr
+
+
+def test_tpu_vm_gives_up_after_max_restarts(stand_ins, tmp_path):
+    env, calls = stand_ins
+    (tmp_path / "states").write_text("PREEMPTED\n")
+    env["TPU_STATES"] = str(tmp_path / "states")
+    args = ["--preemptible", "--max-restarts", "1", *TPU_ARGS]
+    result = run_script("tpu_vm.sh", args, env)
+    assert result.returncode == 1
+    attempt = ["create", "scp", "ssh", "ssh", "describe", "delete"]
+    recorded = calls()
+    assert [call[4] for call in recorded] == attempt * 2
+    assert "--preemptible" in recorded[0]
+    assert result.stderr.splitlines()[-1] == (
+        "error: TPU VM mlm-test was preempted 2 times, more than --max-restarts 1; "
+        "rerun the same command to resume from gs://bucket/run"
+    )
+
+
+def test_tpu_vm_without_spot_stops_when_the_slice_is_lost(stand_ins, tmp_path):
+    env, calls = stand_ins
+    (tmp_path / "states").write_text("READY\nTERMINATED\n")
+    (tmp_path / "statuses").write_text("running\n")
+    env.update(TPU_STATES=str(tmp_path / "states"), TRAIN_STATUSES=str(tmp_path / "statuses"))
+    result = run_script("tpu_vm.sh", TPU_ARGS, env)
+    assert result.returncode == 1
+    assert [call[4] for call in calls()] == [
+        *["create", "scp", "ssh", "ssh", "describe", "ssh", "describe"],
+        "delete",
+    ]
+    assert (
+        "error: TPU VM mlm-test is TERMINATED before training finished; rerun the same command"
+        in result.stderr
+    )
+
+
+@pytest.mark.parametrize("option", ["--dry-rn", "--mode", "train"])
+def test_tpu_vm_refuses_unknown_options_with_usage(stand_ins, option):
+    env, calls = stand_ins
+    args = [*TPU_ARGS[: TPU_ARGS.index("--")], option]
+    result = run_script("tpu_vm.sh", args, env)
+    assert result.returncode == 2
+    message, usage = result.stderr.splitlines()
+    assert message == (
+        f"error: unknown option '{option}'; mlm.train flags other than --config.FIELD go after --"
+    )
+    assert usage.startswith("usage: launch/tpu_vm.sh --name NAME")
+    assert calls() == []
 
 
 def test_tpu_vm_from_environment_variables_with_keep(stand_ins):
@@ -343,7 +572,8 @@ def test_tpu_vm_from_environment_variables_with_keep(stand_ins):
     result = run_script("tpu_vm.sh", ["--keep"], env)
     assert result.returncode == 0, result.stderr
     recorded = calls()
-    assert [call[4] for call in recorded] == ["create", "scp", "ssh", "ssh"]  # No delete.
+    # No delete.
+    assert [call[4] for call in recorded] == ["create", "scp", "ssh", "ssh", "describe", "ssh"]
     assert "--version=v2-alpha-tpuv5-lite" in recorded[0]
     assert (
         "gcsfuse --implicit-dirs --rename-dir-limit=1000000 bucket ~/gcs/bucket"
@@ -364,6 +594,9 @@ def test_tpu_vm_from_environment_variables_with_keep(stand_ins):
         ({"--config": "configs/missing.py"}, "CONFIG 'configs/missing.py' is not a file"),
         ({"--workdir": "gs://My_Bucket/run"}, "WORKDIR 'gs://My_Bucket/run' has no valid bucket"),
         ({"--workdir": "gs:///run"}, "WORKDIR 'gs:///run' has no valid bucket name"),
+        ({"--spot": None, "--preemptible": None}, "--spot and --preemptible exclude each other"),
+        ({"--spot": None, "--accelerator-type": "v4-8", "--workdir": "/tmp/run"}, "is not gs://"),
+        ({"--max-restarts": "many"}, "--max-restarts 'many' is not a whole number"),
     ],
 )
 def test_tpu_vm_refuses_bad_input_before_any_gcloud_call(stand_ins, tmp_path, change, message):
@@ -372,7 +605,12 @@ def test_tpu_vm_refuses_bad_input_before_any_gcloud_call(stand_ins, tmp_path, ch
     outside.write_text("")
     args = list(TPU_ARGS)
     for flag, value in change.items():
-        args[args.index(flag) + 1] = str(outside) if value == "OUTSIDE" else value
+        if value is None:  # An option without a value.
+            args.insert(0, flag)
+        elif flag not in args:
+            args[:0] = [flag, value]
+        else:
+            args[args.index(flag) + 1] = str(outside) if value == "OUTSIDE" else value
     result = run_script("tpu_vm.sh", args, env)
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and message in result.stderr
