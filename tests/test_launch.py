@@ -139,6 +139,9 @@ def test_local_two_processes_log_what_one_process_logs(tmp_path):
     assert "\r" not in result.stdout  # Piped: plain progress lines, from process 0 only.
     progress = [line.split(":")[0] for line in lines if line.startswith(("[0] step", "[1] step"))]
     assert progress == ["[0] step 2/4", "[0] step 4/4"]
+    first = [line for line in lines if line.startswith("[0] ")]
+    assert first[0].startswith("[0] preparing the input data in ")  # Before any slow work.
+    assert "[0] compiling the train step; training steps 1 to 4..." in first
     single = tmp_path / "single"
     args[args.index(str(workdir))] = str(single)
     one_env = dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=1")

@@ -164,31 +164,6 @@ def test_cli_unknown_override_exits_2_with_one_line(tmp_path):
     assert "did you mean 'model.hidden_size'" in lines[0]
 
 
-def test_cli_log_to_a_file_is_plain_lines_one_per_interval(tmp_path):
-    log = tmp_path / "train.log"
-    with open(log, "w") as stderr:  # As a batch job's .out file: not a terminal.
-        result = subprocess.run(
-            [sys.executable, "-m", "mlm.train", "--config", "configs/quickstart.py"]
-            + [f"--workdir={tmp_path / 'run'}", "--config.train.num_steps=12"]
-            + ["--config.train.log_every=4", "--config.train.eval_every=12"]
-            + ["--config.train.eval_steps=2", "--config.train.checkpoint_every=12"]
-            + ["--config.optimizer.warmup_steps=2"],
-            cwd=ROOT,
-            stderr=stderr,
-            stdout=subprocess.DEVNULL,
-            timeout=300,
-        )
-    text = log.read_text()
-    assert result.returncode == 0, text[-2000:]
-    assert "\r" not in text
-    lines = text.splitlines()
-    assert lines[0].startswith("preparing the input data in ")  # Before the vocab is built.
-    assert "compiling the train step; training steps 1 to 12..." in lines
-    steps = [line.split(":")[0] for line in lines if line.startswith("step ")]
-    assert steps == ["step 4/12", "step 8/12", "step 12/12"]
-    assert [line for line in lines if line.startswith("eval step 12: {")]
-
-
 def test_fill_mask_cli_prints_predictions(trained):
     workdir, _ = trained
     result = run_cli(
