@@ -267,8 +267,9 @@ def set_aside_previous_run(workdir: str) -> str | None:
 
     A new run in a workdir whose checkpoints are gone (deleted, or the first save never
     finished) starts from step 0; the earlier run's best checkpoint (`checkpoints_best/`),
-    `init_report.txt` and `wandb_run_id` are moved to `previous_runs/N/` (never deleted). Its metric records are
-    dropped by the new run's MetricWriter, as a resumed run drops those after its step.
+    `init_report.txt` and `wandb_run_id` are moved to `previous_runs/N/` (never deleted). Its
+    metric records are dropped by the new run's MetricWriter, as a resumed run drops those
+    after its step.
 
     Returns:
       The directory they were moved to, or None (nothing to move, or not process 0).
