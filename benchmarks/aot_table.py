@@ -131,16 +131,16 @@ def jobs(out: str, rows: dict) -> list:
         for topology in TOPOLOGIES:
             for fsdp in (False, True):
                 row(model, 128, topology, fsdp)
-    search("v5p-8", False, "none", 256)
+    for topology in TOPOLOGIES:
+        for fsdp in (False, True):
+            row("bert_base", 512, topology, fsdp)
     search("v5e-8", False, "none", 64)
     search("v5e-8", False, "full", 64)
+    search("v5p-8", False, "none", 256)
     for topology in TOPOLOGIES:
         for fsdp in (False, True):
             if (topology, fsdp) not in (("v5p-8", False), ("v5e-8", False)):
                 search(topology, fsdp, "none", 256)
-    for topology in TOPOLOGIES:
-        for fsdp in (False, True):
-            row("bert_base", 512, topology, fsdp)
     return work
 
 
