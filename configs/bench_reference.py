@@ -5,7 +5,7 @@ batch 32, 20 predictions per row, float32, dropout 0.1, AdamW; with the next-sen
 Model Garden's MaskedLMTask builds it by default (a 2-class `next_sentence` head).
 
 Run:
-  python -m mlm.bench --config configs/bench_reference.py --steps 30 \
+  python -m mlm.bench step --config configs/bench_reference.py --steps 30 \
       [--model-garden-python PYTHON]
 """
 
