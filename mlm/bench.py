@@ -368,10 +368,10 @@ def _define_config_flag(argv: list[str]) -> Any:
     )
     config_path = config_file_lib.config_file_from_argv(argv)
     if config_path:
-        config_file_lib.check_overrides(config_file_lib.load_config_file(config_path), argv)
         # A shipped config's name becomes its file's path, for absl to load the same file.
-        resolved = config_file_lib.resolve_config_path(config_path)
-        argv[:] = config_file_lib.with_config_path(argv, resolved)
+        config_path = config_file_lib.resolve_config_path(config_path)
+        config_file_lib.check_overrides(config_file_lib.load_config_file(config_path), argv)
+        argv[:] = config_file_lib.with_config_path(argv, config_path)
         holder = config_flags.DEFINE_config_file("config", None, help_string)
     else:
         config_file_lib.check_overrides(config_lib.base_config(), argv)

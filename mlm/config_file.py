@@ -445,9 +445,10 @@ def run_with_config(main: Callable[[list[str]], None]) -> None:
     try:
         config_path = config_file_from_argv(sys.argv)
         if config_path:
+            # absl's config flag loads the file again: give it the file loaded here.
+            config_path = resolve_config_path(config_path)
             check_overrides(load_config_file(config_path), sys.argv)
-            # absl's config flag loads the file again: give it the file just loaded.
-            sys.argv[:] = with_config_path(sys.argv, resolve_config_path(config_path))
+            sys.argv[:] = with_config_path(sys.argv, config_path)
         app.run(main)
     except MlmError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -22,7 +22,6 @@ import ml_collections
 import optax
 
 from mlm import checkpoint, parallel, privacy, task
-from mlm import loss_scale as loss_scale_lib
 from mlm.model import BertForPreTraining
 from mlm.optim import create_optimizer, learning_rate_schedule
 
@@ -141,19 +140,11 @@ class Experiment:
         Returns:
           The TaskState (placed by JAX's defaults; restore or save it as any other).
         """
-        params = jax.tree.map(jnp.asarray, params)
-        optimizer = self.config.optimizer
-        return task.TaskState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=self.tx.init(params),
-            rng=jax.random.PRNGKey(self.config.train.seed),
-            ema_params=jax.tree.map(jnp.copy, params) if optimizer.ema_decay > 0 else None,
-            loss_scale=(
-                loss_scale_lib.initial(optimizer.loss_scale_init)
-                if self.config.model.dtype == "float16"
-                else None
-            ),
+        return task.new_state(
+            jax.tree.map(jnp.asarray, params),
+            jax.random.PRNGKey(self.config.train.seed),
+            tx=self.tx,
+            **task.state_options(self.config),
         )
 
     def restore_target(self) -> task.TaskState:

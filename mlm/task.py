@@ -135,13 +135,52 @@ def init(
     params_rng, state_rng = jax.random.split(rng)
     batch = dummy_batch(1, seq_length, max_predictions)
     params = model.init(params_rng, batch, deterministic=True)["params"]
+    return new_state(params, state_rng, tx=tx, ema=ema, loss_scale_init=loss_scale_init)
+
+
+def new_state(
+    params: Any,
+    rng: jax.Array,
+    *,
+    tx: optax.GradientTransformation,
+    ema: bool = False,
+    loss_scale_init: float = 0.0,
+) -> TaskState:
+    """The state at step 0 around given params: fresh optimizer state, EMA and loss scale.
+
+    Args:
+      params: the model parameters.
+      rng: the state's base PRNG key.
+      tx, ema, loss_scale_init: as for `init`.
+
+    Returns:
+      A TaskState at step 0.
+    """
     return TaskState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
-        rng=state_rng,
+        rng=rng,
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
         loss_scale=loss_scale_lib.initial(loss_scale_init) if loss_scale_init > 0 else None,
+    )
+
+
+def state_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`init`'s and `new_state`'s `ema` and `loss_scale_init` for a config.
+
+    Args:
+      config: the full config (`optimizer.ema_decay`, `model.dtype`,
+        `optimizer.loss_scale_init`).
+
+    Returns:
+      {'ema': ..., 'loss_scale_init': ...}.
+    """
+    return dict(
+        ema=config.optimizer.ema_decay > 0,
+        loss_scale_init=(
+            config.optimizer.loss_scale_init if config.model.dtype == "float16" else 0.0
+        ),
     )
 
 
@@ -167,10 +206,7 @@ def state_initializer(
         tx=tx,
         seq_length=config.data.seq_length,
         max_predictions=config.data.max_predictions_per_seq,
-        ema=config.optimizer.ema_decay > 0,
-        loss_scale_init=(
-            config.optimizer.loss_scale_init if config.model.dtype == "float16" else 0.0
-        ),
+        **state_options(config),
     )
 
 
