@@ -25,8 +25,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from mlm.data.builtin_corpus import split_sentences
 from mlm.data.instances import Document
+from mlm.data.sentences import text_to_sentences
 from mlm.data.tfrecord_source import TFRecordDataSource
 from mlm.data.tokenizer import Vocab, encode_sentences
 from mlm.errors import ConfigError, DataError
@@ -281,21 +281,6 @@ def num_examples(name: str, split: str, *, data_dir: str | None = None) -> int:
 
 
 # ------------------------------------------------------------------------------------ documents
-
-
-def text_to_sentences(text: str) -> list[str]:
-    """Splits a document's text into sentences: first into lines (paragraphs), then sentences.
-
-    Args:
-      text: one document, e.g. a Wikipedia article with one paragraph or heading per line.
-
-    Returns:
-      The non-empty, whitespace-normalised sentences in order.
-    """
-    sentences = []
-    for line in text.splitlines():
-        sentences.extend(sentence for sentence in split_sentences(line) if sentence)
-    return sentences
 
 
 class _TokenizeDocument:
