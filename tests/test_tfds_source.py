@@ -179,7 +179,7 @@ def test_documents_drop_sentences_without_tokens(vocab):
     assert tokenize("\u200b") == []
 
 
-def test_write_vocab_sample_writes_the_first_documents(data_dirs, tmp_path):
+def test_write_vocab_sample_writes_the_first_documents(data_dirs, tmp_path, capsys):
     data_dir = data_dirs["array_record"]
     source = tfds_source.tfds_text_source(NAME, "train", data_dir=data_dir)
     path = tfds_source.write_vocab_sample(
@@ -193,6 +193,23 @@ def test_write_vocab_sample_writes_the_first_documents(data_dirs, tmp_path):
         NAME, "test", data_dir=data_dir, out_path=str(tmp_path / "all.txt"), max_documents=99
     )
     assert len(corpus.read_documents([more])) == NUM_TEST
+    assert capsys.readouterr().err == ""  # every document split into sentences
+
+
+def test_write_vocab_sample_reports_documents_that_did_not_split(monkeypatch, tmp_path, capsys):
+    unsplit = "title\n" + "a run of words without sentence punctuation " * 30
+    texts = ["First one. second one.", unsplit, "", unsplit]
+    monkeypatch.setattr(tfds_source, "tfds_text_source", lambda *args, **kwargs: texts)
+    path = tfds_source.write_vocab_sample(
+        NAME, "train", out_path=str(tmp_path / "sample.txt"), max_documents=10
+    )
+    assert len(corpus.read_documents([path])) == 3  # reported, still written
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        f"warning: 2 of 4 documents sampled from data.tfds_name={NAME} split 'train' did not "
+        "split into sentences"
+    )
 
 
 # ------------------------------------------------------------------------------------ errors

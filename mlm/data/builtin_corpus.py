@@ -104,7 +104,9 @@ def split_sentences(text: str) -> list[str]:
     """Splits a paragraph into sentences on ``.``, ``!`` and ``?`` followed by a capital.
 
     Periods of abbreviations such as "e.g.", "i.e." and "etc." and of initials ("A. Smith") do
-    not end a sentence.
+    not end a sentence. This rule is for the cleaned English docstrings of the built-in corpus
+    (kept so that the corpus stays the same); documents of other sources, lower-cased or in any
+    script, are split by `mlm.data.sentences.split_sentences`.
 
     Args:
       text: one paragraph; any whitespace (newlines included) separates words.

@@ -11,14 +11,16 @@ host and resume exactly:
   `train[10:20]`, `train+validation`) via the split's file instructions.
 
 Each record is decoded with the dataset's own feature spec in NumPy (`deserialize_example_np`,
-no tf.data); the text field's UTF-8 bytes become a `str`, split into lines and sentences and
-tokenized lazily in a grain `.map`. `tensorflow_datasets` is imported only inside functions, so
-importing this module costs nothing when no TFDS source is configured.
+no tf.data); the text field's UTF-8 bytes become a `str`, split into lines and sentences
+(`mlm.data.sentences`, any script) and tokenized lazily in a grain `.map`.
+`tensorflow_datasets` is imported only inside functions, so importing this module costs nothing
+when no TFDS source is configured.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -26,7 +28,7 @@ import grain
 import numpy as np
 
 from mlm.data.instances import Document
-from mlm.data.sentences import text_to_sentences
+from mlm.data.sentences import SplitStats, text_to_sentences
 from mlm.data.tfrecord_source import TFRecordDataSource
 from mlm.data.tokenizer import Vocab, encode_sentences
 from mlm.errors import ConfigError, DataError
@@ -331,7 +333,9 @@ def write_vocab_sample(
     TFDS stores a split in hash-shuffled order, so the first documents are a random sample.
     The layout is the BERT one (`mlm.data.corpus.read_documents`): one sentence per line and a
     blank line between documents; documents without sentences are skipped. The file is
-    written through a temporary file in the same directory and renamed.
+    written through a temporary file in the same directory and renamed. Documents that did not
+    split into sentences (`mlm.data.sentences.SplitStats`) are counted and reported as one
+    `warning:` line on stderr.
 
     Args:
       name, split, data_dir, text_field: see `tfds_text_source`.
@@ -348,11 +352,13 @@ def write_vocab_sample(
     if max_documents < 1:
         raise ConfigError(f"max_documents={max_documents}: must be at least 1")
     source = tfds_text_source(name, split, data_dir=data_dir, text_field=text_field)
+    stats = SplitStats()
 
     def pieces() -> Iterator[str]:
         written = 0
         for index in range(min(max_documents, len(source))):
             sentences = text_to_sentences(source[index])
+            stats.add(sentences)
             if sentences:
                 yield ("\n" if written else "") + "\n".join(sentences) + "\n"
                 written += 1
@@ -363,4 +369,7 @@ def write_vocab_sample(
             )
 
     write_text_atomically(out_path, pieces())
+    warning = stats.warning(f"data.tfds_name={name} split {split!r}")
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
     return out_path
