@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import os
+import resource
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -158,7 +159,8 @@ def bench_input(
       before the setup, which then trained or copied it), `warmup_s`, `ms_per_batch`,
       `cpu_ms_per_batch` (this process's CPU; with workers, the cost of receiving batches),
       `examples_per_s`, `tokens_per_s` (all S x rows), `real_tokens_per_s` (non-pad),
-      `real_token_fraction`, `masked_per_example`, `vocab_size`.
+      `real_token_fraction`, `masked_per_example`, `vocab_size`, `peak_rss_mib` (this
+      process's peak resident memory so far: setup included, worker processes not).
     """
     _check_arguments(seq_lengths, num_batches, warmup_batches)
     num_workers, thread_prefetch = config.data.num_workers, config.data.prefetch_batches
@@ -205,6 +207,7 @@ def bench_input(
                 real_token_fraction=counts["real_tokens"] / counts["tokens"],
                 masked_per_example=counts["masked"] / counts["examples"],
                 vocab_size=inputs.vocab.size if inputs.vocab is not None else None,
+                peak_rss_mib=peak_rss_mib(),
             )
         )
     return records
@@ -221,7 +224,14 @@ _COLUMNS = (
     ("real tokens/s", "real_tokens_per_s", "{:,.0f}"),
     ("real %", "real_token_fraction", "{:.1%}"),
     ("masked/ex", "masked_per_example", "{:.2f}"),
+    ("peak RSS MiB", "peak_rss_mib", "{:,.0f}"),
 )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if os.uname().sysname == "Darwin" else peak / 1024
 
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:

@@ -84,10 +84,31 @@ def iter_file_documents(path: str, start: int = 0, end: int | None = None) -> It
     Yields:
       Documents: lists of stripped, non-empty sentences.
     """
+    for _, sentences in iter_located_documents(path, start, end):
+        yield sentences
+
+
+def iter_located_documents(
+    path: str, start: int = 0, end: int | None = None
+) -> Iterator[tuple[int, list[str]]]:
+    """Yields ``(offset, sentences)`` per non-empty document of a file or a byte range of it.
+
+    ``offset`` is the byte where the document's first line starts, so that reading from it
+    (``iter_file_documents(path, offset)``) gives that document first.
+
+    Args:
+      path: a UTF-8 text file in the BERT layout.
+      start: a line start (0, or right after a blank line) to read from.
+      end: where the range ends (a line start or the file size); None: the end of the file.
+
+    Yields:
+      The documents' first-line offsets and their stripped, non-empty sentences.
+    """
     try:
         with open(path, "rb") as file:
             file.seek(start)
             position = start
+            document_start = start
             sentences: list[str] = []
             lines_read = 0
             while (end is None or position < end) and (raw_line := file.readline()):
@@ -102,15 +123,48 @@ def iter_file_documents(path: str, start: int = 0, end: int | None = None) -> It
                     ) from None
                 if position == 0:
                     line = line.removeprefix("\ufeff")
+                line_start = position
                 position += len(raw_line)
                 line = line.strip()
                 if line:
+                    if not sentences:
+                        document_start = line_start
                     sentences.append(line)
                 elif sentences:
-                    yield sentences
+                    yield document_start, sentences
                     sentences = []
             if sentences:
-                yield sentences
+                yield document_start, sentences
+    except OSError as error:
+        raise DataError(
+            f"{path}: cannot read ({error.strerror or error}); check the path and its permissions"
+        ) from None
+
+
+def document_boundary(path: str, offset: int) -> int:
+    """The first byte-range boundary of a text file at or after ``offset``.
+
+    A boundary is the file start, the start of a line after a blank line, or the file end, so
+    byte ranges between boundaries hold whole documents. Only the text between ``offset`` and
+    the next blank line is read.
+
+    Args:
+      path: a text file in the BERT layout.
+      offset: a byte offset into the file.
+
+    Returns:
+      0 for ``offset <= 0``; otherwise the start of the line after the first blank line that
+      ends at or after ``offset``, or the file size when none does.
+    """
+    if offset <= 0:
+        return 0
+    try:
+        with open(path, "rb") as file:
+            file.seek(offset - 1)
+            file.readline()  # to the next line start
+            while (raw_line := file.readline()) and raw_line.decode("utf-8", "replace").strip():
+                pass
+            return file.tell()
     except OSError as error:
         raise DataError(
             f"{path}: cannot read ({error.strerror or error}); check the path and its permissions"

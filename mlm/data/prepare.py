@@ -30,7 +30,7 @@ import numpy as np
 import tqdm
 from array_record.python.array_record_module import ArrayRecordWriter
 
-from mlm.data.corpus import expand_globs, iter_file_documents
+from mlm.data.corpus import document_boundary, expand_globs, iter_file_documents
 from mlm.data.prepared import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -114,22 +114,13 @@ def split_file(path: str, target_bytes: int) -> list[tuple[int, int]]:
     """
     size = _file_size(path)
     bounds = [0]
-    with open(path, "rb") as file:
-        while bounds[-1] + target_bytes < size:
-            file.seek(bounds[-1] + target_bytes - 1)
-            file.readline()  # to the next line start
-            while (line := file.readline()) and not _is_blank(line):
-                pass
-            if not line or file.tell() >= size:
-                break
-            bounds.append(file.tell())
+    while bounds[-1] + target_bytes < size:
+        boundary = document_boundary(path, bounds[-1] + target_bytes)
+        if boundary >= size:
+            break
+        bounds.append(boundary)
     bounds.append(size)
     return list(zip(bounds[:-1], bounds[1:], strict=True))
-
-
-def _is_blank(raw_line: bytes) -> bool:
-    """Whether a line ends a document (what `str.strip` reduces to nothing)."""
-    return not raw_line.decode("utf-8", "replace").strip()
 
 
 def _file_size(path: str) -> int:
