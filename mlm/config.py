@@ -37,8 +37,16 @@ EVAL_METRICS = (
 )
 
 
-# The data fields that each select a data source; none set selects the built-in corpus.
-DATA_SOURCE_FIELDS = ("train_files", "prepared_dir", "tfds_name", "tfrecord_files")
+# The data fields that each select a data source (strings set, or the bool `synthetic` True);
+# none set selects the built-in corpus.
+DATA_SOURCE_FIELDS = (
+    "train_files",
+    "prepared_dir",
+    "tfds_name",
+    "hf_dataset",
+    "tfrecord_files",
+    "synthetic",
+)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -78,8 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.data = ml_collections.ConfigDict(
         dict(
-            # Where the data comes from: set at most one of train_files, prepared_dir, tfds_name
-            # and tfrecord_files; none: the built-in corpus (Python standard library docstrings).
+            # Where the data comes from: set at most one of train_files, prepared_dir, tfds_name,
+            # hf_dataset and tfrecord_files, or synthetic=True; none: the built-in corpus (Python
+            # standard library docstrings).
             # Comma-separated globs of text files, one sentence per line, blank line between
             # documents.
             train_files="",
@@ -92,10 +101,21 @@ def base_config() -> ml_collections.ConfigDict:
             tfds_split="train",
             tfds_eval_split="",
             tfds_data_dir="",
+            # A Hugging Face `datasets` dataset, read locally (nothing is downloaded): a
+            # save_to_disk directory, a directory or glob of Parquet / JSON lines / Arrow files,
+            # or a Hub name ('ORG/NAME[:CONFIG]') in the local cache; its splits, as split
+            # expressions ('train[:99%]'; hf_eval_split empty: no evaluation).
+            hf_dataset="",
+            hf_split="train",
+            hf_eval_split="",
+            # The text feature (TFDS) or string column (Hugging Face) holding each document.
             text_field="text",
             # Comma-separated globs of Model Garden / BERT pretraining TFRecords (masked already).
             tfrecord_files="",
             eval_tfrecord_files="",
+            # Random batches of the configured shapes (mlm.data.synthetic): no vocab, no files;
+            # what `mlm.bench step` times. To check a new machine's throughput end to end.
+            synthetic=False,
             # A BERT vocab.txt; empty: train a WordPiece vocab of model.vocab_size on train_files.
             vocab_file="",
             lowercase=True,
@@ -344,9 +364,20 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         "data.vocab_file is set but data.prepared_dir brings its own vocab.txt; clear "
         "data.vocab_file (the ids in the prepared files were made with the prepared vocab)",
     )
+    _require(
+        not (data.synthetic and data.vocab_file),
+        "data.vocab_file is set but data.synthetic makes random ids and uses no vocab; clear "
+        "data.vocab_file (or set data.synthetic=False to train on real data)",
+    )
+    _require(
+        not data.synthetic or model.vocab_size > 5,
+        f"data.synthetic needs model.vocab_size > 5 (ids 0-4 are special tokens), got "
+        f"{model.vocab_size}; raise model.vocab_size",
+    )
     for source, eval_field in (
         ("train_files", "eval_files"),
         ("tfds_name", "tfds_eval_split"),
+        ("hf_dataset", "hf_eval_split"),
         ("tfrecord_files", "eval_tfrecord_files"),
     ):
         _require(

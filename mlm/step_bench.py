@@ -1,8 +1,9 @@
 """Step benchmark: times the real jitted train (or eval) step and reports model FLOPs and MFU.
 
 The step is the one training compiles (`mlm.experiment.Experiment`: the same shardings and state
-donation), run on synthetic batches of the configured shapes with random ids and a realistic
-fraction of padding. `bench_step_with_reference` also times TF Model Garden's train step on the
+donation), run on the first batches of the synthetic data source (`mlm.data.synthetic`, what
+`data.synthetic=True` trains on): the configured shapes, random ids and a realistic fraction of
+padding. `bench_step_with_reference` also times TF Model Garden's train step on the
 same batches, with the repository's standalone script `benchmarks/model_garden_step.py` run in a
 Python of its own. `python -m mlm.bench step --config configs/NAME.py` is the command line.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -27,6 +27,11 @@ import numpy as np
 
 from mlm import config as config_lib
 from mlm import parallel
+from mlm.data.synthetic import (  # synthetic_batch: also imported from here.
+    DEFAULT_REAL_FRACTION,
+    synthetic_batch,  # noqa: F401
+    synthetic_batches,
+)
 from mlm.errors import ConfigError
 from mlm.experiment import Experiment
 from mlm.kernels import cpu_host_memory
@@ -50,9 +55,6 @@ PEAK_BF16_FLOPS = (
 # The custom-call target of cuDNN's fused attention in a compiled GPU module (jax's
 # `jax.nn.dot_product_attention(implementation='cudnn')` lowers to `__cudnn$fmha...`).
 CUDNN_ATTENTION_TARGET = "__cudnn$fmha"
-# Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
-# built-in corpus at seq 128 (docs/concepts.md); `--real_fraction` changes it.
-DEFAULT_REAL_FRACTION = 0.94
 # Distinct synthetic batches a step benchmark cycles through (already on the devices).
 NUM_BATCHES = 4
 
@@ -98,91 +100,6 @@ def model_flops_per_token(
     if next_sentence:
         flops += 6 * (h * h + 2 * h) / seq_length
     return flops if train else flops / 3
-
-
-def synthetic_batch(
-    rng: np.random.Generator,
-    batch_size: int,
-    seq_length: int,
-    max_predictions: int,
-    vocab_size: int,
-    real_fraction: float,
-    masking_rate: float = 0.15,
-) -> dict[str, np.ndarray]:
-    """A batch of the contract's format with random ids, padding and masked slots.
-
-    Row r holds n_r real tokens, n_r uniform in [S * (2 f - 1), S] (mean f * S, f =
-    `real_fraction`), one segment each: [CLS]-like id 2 first, random ids in [5, V) after, two
-    token types split at the middle. round(masking_rate * n_r) (at most P) distinct real
-    positions other than the first are masked, with random target ids and weight 1.
-
-    Args:
-      rng: numpy random generator.
-      batch_size, seq_length, max_predictions: B, S, P.
-      vocab_size: V.
-      real_fraction: mean fraction of non-pad tokens per row, in (0.5, 1].
-      masking_rate: fraction of a row's real tokens that are masked.
-
-    Returns:
-      numpy arrays: `input_word_ids`, `input_mask`, `input_type_ids`, `packed_segment_ids`,
-      `position_ids` int32 [B, S]; `masked_lm_positions`, `masked_lm_ids` int32 [B, P];
-      `masked_lm_weights` float32 [B, P]; `next_sentence_labels` int32 [B].
-    """
-    low = max(2, math.ceil(seq_length * (2 * real_fraction - 1)))
-    lengths = rng.integers(low, seq_length + 1, size=batch_size)
-    positions = np.arange(seq_length, dtype=np.int32)
-    real = (positions[None, :] < lengths[:, None]).astype(np.int32)
-    word_ids = rng.integers(5, vocab_size, size=(batch_size, seq_length), dtype=np.int32) * real
-    word_ids[:, 0] = 2
-    type_ids = ((positions[None, :] >= lengths[:, None] // 2) * real).astype(np.int32)
-    masked_positions = np.zeros((batch_size, max_predictions), np.int32)
-    weights = np.zeros((batch_size, max_predictions), np.float32)
-    for row, length in enumerate(lengths):
-        count = min(max_predictions, max(1, round(masking_rate * length)))
-        chosen = np.sort(rng.choice(np.arange(1, length), size=count, replace=False))
-        masked_positions[row, :count] = chosen
-        weights[row, :count] = 1.0
-    masked_ids = rng.integers(5, vocab_size, size=(batch_size, max_predictions)) * (weights > 0)
-    return {
-        "input_word_ids": word_ids,
-        "input_mask": real,
-        "input_type_ids": type_ids,
-        "packed_segment_ids": real.copy(),
-        "position_ids": np.broadcast_to(positions, (batch_size, seq_length)).copy(),
-        "masked_lm_positions": masked_positions,
-        "masked_lm_ids": masked_ids.astype(np.int32),
-        "masked_lm_weights": weights,
-        "next_sentence_labels": rng.integers(0, 2, size=batch_size, dtype=np.int32),
-    }
-
-
-def synthetic_batches(
-    config: ml_collections.ConfigDict, real_fraction: float, num_batches: int
-) -> list[dict[str, np.ndarray]]:
-    """The step benchmark's `num_batches` host batches for a config, the same on every call.
-
-    Args:
-      config: a validated config: its batch size, data shapes, vocab size and `train.seed`.
-      real_fraction: as for `synthetic_batch`.
-      num_batches: batches drawn in turn from one generator seeded with `train.seed`.
-
-    Returns:
-      The batches (`synthetic_batch`).
-    """
-    data = config.data
-    rng = np.random.default_rng(config.train.seed)
-    return [
-        synthetic_batch(
-            rng,
-            config.train.global_batch_size,
-            data.seq_length,
-            data.max_predictions_per_seq,
-            config.model.vocab_size,
-            real_fraction,
-            data.masking_rate,
-        )
-        for _ in range(num_batches)
-    ]
 
 
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
@@ -281,10 +198,11 @@ def bench_step(
 ) -> dict[str, Any]:
     """Compiles the configured train (or eval) step and times it on synthetic batches.
 
-    Each timed step runs until its outputs are ready; `num_batches` different batches, already
-    on the devices, are used in turn (input cost is excluded: see `mlm.bench input`). Without a
-    table peak (CPU), the matmul peak is measured before and after the steps and the larger
-    counts, so a moment of load from other processes does not lower it.
+    Each timed step runs until its outputs are ready; the synthetic source's first
+    `num_batches` train batches (`synthetic_batches`), already on the devices, are used in turn
+    (input cost is excluded: see `mlm.bench input`). Without a table peak (CPU), the matmul peak
+    is measured before and after the steps and the larger counts, so a moment of load from other
+    processes does not lower it.
 
     Args:
       config: a config from `configs/`; its model, data shapes, optimizer and mesh are used.

@@ -224,7 +224,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
     if mode == "eval" and inputs.eval is None:
         raise ConfigError(
             f"--mode eval: {inputs.source} has no eval data; set the eval data of the source "
-            "(data.eval_files, data.tfds_eval_split or data.eval_tfrecord_files)"
+            "(data.eval_files, data.tfds_eval_split, data.hf_eval_split or "
+            "data.eval_tfrecord_files)"
         )
     check_inputs(inputs, config.train.global_batch_size // jax.process_count())
     experiment = Experiment.build(config, mesh)

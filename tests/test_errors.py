@@ -450,7 +450,8 @@ def test_two_data_sources_are_refused(text_copy):
     fails_leaving_checkpoints(
         ConfigError,
         r"^data\.train_files and data\.prepared_dir are both set; set one data source "
-        r"\(train_files, prepared_dir, tfds_name, tfrecord_files\), or none for the built-in",
+        r"\(train_files, prepared_dir, tfds_name, [^)]*tfrecord_files, synthetic\), or none for "
+        r"the built-in",
         config,
     )
 
@@ -476,6 +477,19 @@ def test_empty_data_file_names_the_file(text_copy):
         r"between documents$",
         text_config(),
     )
+
+
+def test_text_too_small_for_the_input_shards_names_the_shard(text_copy):
+    with open("data/train.txt", "w") as file:
+        file.write("one short document.\n")
+    config = text_config()
+    config.data.input_shards = 8
+    with one_line_error(
+        DataError,
+        r"^data\.train_files: input shard 1 of 8 holds no documents; add more text or use "
+        r"fewer processes \(or data\.input_shards\)$",
+    ):
+        train_and_evaluate(config, "fresh_workdir")
 
 
 def test_non_utf8_text_names_the_file_and_line(text_copy):
@@ -946,7 +960,7 @@ def test_mode_eval_without_eval_data_is_refused(text_copy):
     assert result.returncode == 2, result.stderr[-2000:]
     assert error_lines(result) == [
         "error: --mode eval: data.train_files has no eval data; set the eval data of the source "
-        "(data.eval_files, data.tfds_eval_split or data.eval_tfrecord_files)"
+        "(data.eval_files, data.tfds_eval_split, data.hf_eval_split or data.eval_tfrecord_files)"
     ]
     assert snapshot() == before
 

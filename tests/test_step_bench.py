@@ -10,6 +10,7 @@ import pytest
 
 from mlm import config as config_lib
 from mlm import step_bench
+from mlm.data import synthetic
 from mlm.errors import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,7 @@ def test_model_flops_per_token_equals_a_hand_count(next_sentence):
 
 def test_synthetic_batch_shapes_padding_and_masks():
     rng = np.random.default_rng(0)
-    batch = step_bench.synthetic_batch(rng, 64, 128, 20, 1000, real_fraction=0.9)
+    batch = synthetic.synthetic_batch(rng, 64, 128, 20, 1000, real_fraction=0.9)
     mask = batch["input_mask"]
     assert mask.shape == (64, 128) and batch["masked_lm_positions"].shape == (64, 20)
     assert abs(mask.mean() - 0.9) < 0.03
@@ -167,7 +168,7 @@ def test_model_garden_script_reads_the_batches_ours_are_timed_on(tmp_path, next_
     script = load_model_garden_script()
     assert script.FEATURES == step_bench.MODEL_GARDEN_FEATURES
     config = config_lib.validate(tiny_config())
-    batches = step_bench.synthetic_batches(config, 0.9, 3)
+    batches = synthetic.synthetic_batches(config, 0.9, 3)
     path = str(tmp_path / "batches.npz")
     step_bench.write_model_garden_batches(path, batches)
     theirs = script.read_batches(path, next_sentence)
@@ -184,7 +185,7 @@ def test_model_garden_script_reads_the_batches_ours_are_timed_on(tmp_path, next_
 
 def test_synthetic_batches_are_the_same_on_every_call():
     config = config_lib.validate(tiny_config())
-    first, second = (step_bench.synthetic_batches(config, 0.9, 2) for _ in range(2))
+    first, second = (synthetic.synthetic_batches(config, 0.9, 2) for _ in range(2))
     for a, b in zip(first, second, strict=True):
         assert all((a[name] == b[name]).all() for name in a)
     assert not (first[0]["input_word_ids"] == first[1]["input_word_ids"]).all()
@@ -211,7 +212,7 @@ def test_model_garden_failure_is_one_config_error(tmp_path):
     # This interpreter has no tf-models-official: the script fails on its import.
     config = config_lib.validate(tiny_config())
     path = str(tmp_path / "batches.npz")
-    step_bench.write_model_garden_batches(path, step_bench.synthetic_batches(config, 0.9, 2))
+    step_bench.write_model_garden_batches(path, synthetic.synthetic_batches(config, 0.9, 2))
     command = step_bench.model_garden_command(
         sys.executable, config, steps=1, warmup=0, batches_path=path
     )

@@ -12,7 +12,21 @@ from mlm.data.pipeline import build_dataset
 from mlm.data.tokenizer import encode_documents, vocab_from_tokens
 from mlm.errors import DataError
 
-WORDS = "the quick brown fox jumps over a lazy dog and runs far away".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "and",
+    "runs",
+    "far",
+    "away",
+]
 
 
 def write_files(tmp_path, documents_per_file=(7, 1, 12, 5)) -> list[str]:

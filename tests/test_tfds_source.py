@@ -21,7 +21,7 @@ from tfds_testing import (  # noqa: E402
     document_text,
 )
 
-from mlm.data import corpus, tfds_source  # noqa: E402
+from mlm.data import corpus, sentences, tfds_source  # noqa: E402
 from mlm.data.tokenizer import encode_sentences, load_vocab, train_wordpiece  # noqa: E402
 from mlm.errors import ConfigError, DataError  # noqa: E402
 
@@ -145,7 +145,7 @@ def test_text_to_sentences_splits_lines_then_sentences():
     text = (
         "Title line\n\n  First one. Second one, e.g. this!  Third?\n \t\nLast paragraph\u2028End.\n"
     )
-    assert tfds_source.text_to_sentences(text) == [
+    assert sentences.text_to_sentences(text) == [
         "Title line",
         "First one.",
         "Second one, e.g. this!",
@@ -153,7 +153,7 @@ def test_text_to_sentences_splits_lines_then_sentences():
         "Last paragraph",
         "End.",
     ]
-    assert tfds_source.text_to_sentences(" \n\n") == []
+    assert sentences.text_to_sentences(" \n\n") == []
 
 
 @pytest.mark.parametrize("file_format", FORMATS)
@@ -164,7 +164,7 @@ def test_documents_are_the_encoded_sentences(data_dirs, vocab, file_format):
     assert isinstance(documents, grain.MapDataset)
     assert len(documents) == NUM_TRAIN
     for index in (0, 17, NUM_TRAIN - 1):
-        want = encode_sentences(vocab, tfds_source.text_to_sentences(source[index]))
+        want = encode_sentences(vocab, sentences.text_to_sentences(source[index]))
         got = documents[index]
         assert len(got) == len(want) >= 2
         for got_ids, want_ids in zip(got, want, strict=True):
@@ -174,7 +174,7 @@ def test_documents_are_the_encoded_sentences(data_dirs, vocab, file_format):
 
 
 def test_documents_drop_sentences_without_tokens(vocab):
-    tokenize = tfds_source._TokenizeDocument(vocab)
+    tokenize = sentences.TokenizeText(vocab)
     assert [ids.size > 0 for ids in tokenize("River stone.\n\u200b\nStory.")] == [True, True]
     assert tokenize("\u200b") == []
 
@@ -186,7 +186,7 @@ def test_write_vocab_sample_writes_the_first_documents(data_dirs, tmp_path, caps
         NAME, "train", data_dir=data_dir, out_path=str(tmp_path / "sample.txt"), max_documents=5
     )
     assert path == str(tmp_path / "sample.txt")
-    want = [tfds_source.text_to_sentences(source[index]) for index in range(5)]
+    want = [sentences.text_to_sentences(source[index]) for index in range(5)]
     assert corpus.read_documents([path]) == want
     assert os.listdir(tmp_path) == ["sample.txt"]
     more = tfds_source.write_vocab_sample(

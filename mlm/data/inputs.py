@@ -1,12 +1,16 @@
 """Model Garden's `build_inputs`: from the `data` config to train / eval datasets and a vocab.
 
 One data source feeds a run (the `data.*` field that is set):
-- text files (`train_files`) or the built-in corpus written into the workdir: read and tokenized
+- text files (`train_files`) or the built-in corpus written into the workdir: each input shard
+  reads and tokenizes only its own byte range of the files, lazily (`mlm.data.text_source`),
   with the workdir's `vocab.txt` (trained on the train text, or copied from `data.vocab_file`);
 - `prepared_dir`: token ids written once by `python -m mlm.data.prepare`, with its vocab;
 - `tfds_name`: a prepared TFDS dataset, tokenized as it is read;
-- `tfrecord_files`: Model Garden / BERT pretraining TFRecords, masked already.
-The first three stream documents through `mlm.data.pipeline.build_dataset` (chunking or NSP
+- `hf_dataset`: a local Hugging Face `datasets` dataset (Arrow, memory-mapped), tokenized as it
+  is read (`mlm.data.hf_source`);
+- `tfrecord_files`: Model Garden / BERT pretraining TFRecords, masked already;
+- `synthetic`: random batches of the configured shapes (`mlm.data.synthetic`), no vocab.
+The first four stream documents through `mlm.data.pipeline.build_dataset` (chunking or NSP
 pairing, packing and masking on the fly); records are batched as they are.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import json
 import os
@@ -25,11 +30,12 @@ import numpy as np
 
 from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
-from mlm.data.corpus import expand_globs, read_documents
+from mlm.data.corpus import expand_globs
 from mlm.data.pipeline import build_dataset, build_row_dataset
+from mlm.data.synthetic import synthetic_dataset
+from mlm.data.text_source import text_shard_documents
 from mlm.data.tokenizer import (
     Vocab,
-    encode_documents,
     load_vocab,
     read_vocab_text,
     train_wordpiece,
@@ -42,7 +48,9 @@ from mlm.paths import VOCAB_FILENAME, VOCAB_SETTINGS_FILENAME, write_text_atomic
 # What WORKDIR/vocab.txt was trained with, so that a rerun knows whether it may reuse it.
 # The data fields a trained vocab depends on (with data.lowercase and model.vocab_size).
 _VOCAB_DATA_FIELDS = ("train_files", "tfds_name", "tfds_split", "tfds_data_dir", "text_field")
-# TFDS documents a vocab is trained on when no data.vocab_file is given.
+# Recorded only for data.hf_dataset runs, so that other runs' records (and vocabs) stay valid.
+_HF_VOCAB_DATA_FIELDS = ("hf_dataset", "hf_split")
+# TFDS / Hugging Face documents a vocab is trained on when no data.vocab_file is given.
 VOCAB_SAMPLE_DOCUMENTS = 100_000
 
 
@@ -55,7 +63,7 @@ class Inputs:
       eval: batches for evaluation (one pass, the same on every `iter()`), or None without eval
         files or when not needed.
       vocab: the vocabulary (also saved as WORKDIR/vocab.txt); None for TFRecords without
-        data.vocab_file (their ids are used as they are).
+        data.vocab_file (their ids are used as they are) and for data.synthetic.
       source: the config field of the data source, for messages (`data.builtin` when none).
     """
 
@@ -186,7 +194,8 @@ def _given_vocab(config: ml_collections.ConfigDict, source: str, field: str) -> 
 def _vocab_settings(config: ml_collections.ConfigDict) -> dict:
     """What a trained vocab depends on (besides the content of the files)."""
     data = config.data
-    settings = {f"data.{name}": data[name] for name in _VOCAB_DATA_FIELDS}
+    fields = _VOCAB_DATA_FIELDS + (_HF_VOCAB_DATA_FIELDS if data.hf_dataset else ())
+    settings = {f"data.{name}": data[name] for name in fields}
     settings.update({"data.lowercase": data.lowercase, "model.vocab_size": config.model.vocab_size})
     return json.loads(json.dumps(settings))  # As read back from the file.
 
@@ -250,6 +259,8 @@ def build_inputs(
     )
     if source == "tfrecord_files":
         return _record_inputs(config, workdir, need_train, need_eval, shards)
+    if source == "synthetic":
+        return _synthetic_inputs(config, need_train, need_eval, shards)
     options = dict(
         seq_length=data.seq_length,
         max_predictions=data.max_predictions_per_seq,
@@ -264,12 +275,23 @@ def build_inputs(
         "train_files": _text_documents,
         "prepared_dir": _prepared_documents,
         "tfds_name": _tfds_documents,
+        "hf_dataset": _hf_documents,
     }[source]
     vocab, train_docs, eval_docs = documents(config, workdir, need_train, need_eval)
 
     def dataset(docs, train):
         if docs is None:
             return None
+        if callable(docs):  # Sharded by the source itself (text files: by byte range).
+            return shards.combine(
+                lambda *, batch_size, shard_index, shard_count: build_dataset(
+                    docs(shard_index, shard_count),
+                    vocab,
+                    train=train,
+                    batch_size=batch_size,
+                    **options,
+                )
+            )
         return shards.combine(
             lambda **part: build_dataset(docs, vocab, train=train, **options, **part)
         )
@@ -357,15 +379,23 @@ def input_shards(
 
 # Each returns (vocab, train documents or None, eval documents or None).
 def _text_documents(config, workdir, need_train, need_eval):
+    """Text files: each input shard reads and tokenizes its own byte range, lazily."""
     train_files, eval_files = corpus_files(config.data, workdir)
     vocab = workdir_vocab(config, workdir, lambda: train_files)
+    field = "data.train_files" if config.data.train_files else "data.builtin"
 
-    def encoded(files):
-        return grain.MapDataset.source(encode_documents(vocab, read_documents(files)))
+    def shard(files, files_field):
+        return functools.partial(_text_shard, files=files, vocab=vocab, field=files_field)
 
-    train = encoded(train_files) if need_train else None
-    evaluation = encoded(eval_files) if need_eval and eval_files else None
+    train = shard(train_files, field) if need_train else None
+    evaluation = shard(eval_files, "data.eval_files") if need_eval and eval_files else None
     return vocab, train, evaluation
+
+
+def _text_shard(shard_index, shard_count, *, files, vocab, field):
+    return text_shard_documents(
+        files, vocab, shard_index=shard_index, shard_count=shard_count, field=field
+    )
 
 
 def _prepared_documents(config, workdir, need_train, need_eval):
@@ -431,6 +461,37 @@ def _tfds_documents(config, workdir, need_train, need_eval):
     return vocab, train, evaluation
 
 
+def _hf_documents(config, workdir, need_train, need_eval):
+    from mlm.data.hf_source import hf_documents, write_vocab_sample
+
+    data = config.data
+
+    def sample() -> list[str]:  # The documents a vocab is trained on, when one is.
+        sample_path = os.path.join(workdir, "vocab_sample.txt")
+        write_vocab_sample(
+            data.hf_dataset,
+            data.hf_split,
+            text_field=data.text_field,
+            out_path=sample_path,
+            max_documents=VOCAB_SAMPLE_DOCUMENTS,
+        )
+        return [sample_path]
+
+    def documents(split_field: str) -> grain.MapDataset:
+        return hf_documents(
+            data.hf_dataset,
+            data[split_field],
+            text_field=data.text_field,
+            split_field=f"data.{split_field}",
+            vocab=vocab,
+        )
+
+    vocab = workdir_vocab(config, workdir, sample)
+    train = documents("hf_split") if need_train else None
+    evaluation = documents("hf_eval_split") if need_eval and data.hf_eval_split else None
+    return vocab, train, evaluation
+
+
 def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) -> Inputs:
     """Model Garden / BERT pretraining TFRecords: rows masked already, batched as they are."""
     _require_module("tensorflow", "data.tfrecord_files")
@@ -469,3 +530,17 @@ def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) 
             lambda **part: build_row_dataset(eval_rows, train=False, seed=config.train.seed, **part)
         )
     return Inputs(train=train, eval=evaluation, vocab=vocab, source="data.tfrecord_files")
+
+
+def _synthetic_inputs(config, need_train, need_eval, shards: InputShards) -> Inputs:
+    """`data.synthetic`: random batches of the configured shapes, no vocab, nothing read."""
+
+    def dataset(train: bool):
+        return shards.combine(lambda **part: synthetic_dataset(config, train=train, **part))
+
+    return Inputs(
+        train=dataset(True) if need_train else None,
+        eval=dataset(False) if need_eval else None,
+        vocab=None,
+        source="data.synthetic",
+    )

@@ -36,7 +36,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+from mlm.data.instances import Document
+from mlm.data.tokenizer import Vocab, encode_sentences
+from mlm.errors import DataError
+from mlm.paths import write_text_atomically
 
 # Words whose final period does not end a sentence (compared lower-cased).
 ABBREVIATIONS = frozenset(
@@ -201,3 +207,59 @@ class SplitStats:
             "sentence punctuation); next-sentence pairs truncate such a paragraph to one "
             "segment and chunks cut it mid-sentence: a line break between sentences splits them"
         )
+
+
+class TokenizeText:
+    """Turns a document's text into its WordPiece sentences; a picklable grain map function.
+
+    Sentences that encode to nothing are dropped, so a document of no text becomes an empty
+    list (the pipeline skips it).
+    """
+
+    def __init__(self, vocab: Vocab):
+        self._vocab = vocab
+
+    def __call__(self, text: str) -> Document:
+        ids = encode_sentences(self._vocab, text_to_sentences(text))
+        return [sentence for sentence in ids if sentence.size]
+
+
+def write_sentence_sample(
+    texts: Iterable[str], out_path: str, *, source: str, no_sentences: str
+) -> str:
+    """Writes documents' sentences as a text file in the BERT layout, to train a vocab on.
+
+    One sentence per line and a blank line between documents; documents without sentences are
+    skipped. The file is written atomically. Documents that did not split (`SplitStats`) are
+    counted and reported as one `warning:` line on stderr.
+
+    Args:
+      texts: the documents' raw text.
+      out_path: the text file to write; its directory must exist.
+      source: names the documents in the warning (e.g. "data.tfds_name=wiki split 'train'").
+      no_sentences: the DataError message when no document holds a sentence.
+
+    Returns:
+      `out_path`.
+
+    Raises:
+      DataError: no document holds a sentence.
+    """
+    stats = SplitStats()
+
+    def pieces() -> Iterator[str]:
+        written = 0
+        for text in texts:
+            sentences = text_to_sentences(text)
+            stats.add(sentences)
+            if sentences:
+                yield ("\n" if written else "") + "\n".join(sentences) + "\n"
+                written += 1
+        if not written:
+            raise DataError(no_sentences)
+
+    write_text_atomically(out_path, pieces())
+    warning = stats.warning(source)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    return out_path

@@ -20,19 +20,16 @@ when no TFDS source is configured.
 from __future__ import annotations
 
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
-from mlm.data.instances import Document
-from mlm.data.sentences import SplitStats, text_to_sentences
+from mlm.data.sentences import TokenizeText, write_sentence_sample
 from mlm.data.tfrecord_source import TFRecordDataSource
-from mlm.data.tokenizer import Vocab, encode_sentences
+from mlm.data.tokenizer import Vocab
 from mlm.errors import ConfigError, DataError
-from mlm.paths import write_text_atomically
 
 DEFAULT_TEXT_FIELD = "text"
 _DEFAULT_DATA_DIR = "~/tensorflow_datasets"
@@ -285,17 +282,6 @@ def num_examples(name: str, split: str, *, data_dir: str | None = None) -> int:
 # ------------------------------------------------------------------------------------ documents
 
 
-class _TokenizeDocument:
-    """Turns a document's text into its WordPiece sentences; a picklable grain map function."""
-
-    def __init__(self, vocab: Vocab):
-        self._vocab = vocab
-
-    def __call__(self, text: str) -> Document:
-        ids = encode_sentences(self._vocab, text_to_sentences(text))
-        return [sentence for sentence in ids if sentence.size]
-
-
 def tfds_documents(
     name: str,
     split: str,
@@ -316,7 +302,7 @@ def tfds_documents(
       no text is an empty list (the pipeline must skip it).
     """
     source = tfds_text_source(name, split, data_dir=data_dir, text_field=text_field)
-    return grain.MapDataset.source(source).map(_TokenizeDocument(vocab))
+    return grain.MapDataset.source(source).map(TokenizeText(vocab))
 
 
 def write_vocab_sample(
@@ -352,24 +338,12 @@ def write_vocab_sample(
     if max_documents < 1:
         raise ConfigError(f"max_documents={max_documents}: must be at least 1")
     source = tfds_text_source(name, split, data_dir=data_dir, text_field=text_field)
-    stats = SplitStats()
-
-    def pieces() -> Iterator[str]:
-        written = 0
-        for index in range(min(max_documents, len(source))):
-            sentences = text_to_sentences(source[index])
-            stats.add(sentences)
-            if sentences:
-                yield ("\n" if written else "") + "\n".join(sentences) + "\n"
-                written += 1
-        if not written:
-            raise DataError(
-                f"TFDS dataset {name} split {split!r}: the first {max_documents} documents hold "
-                f"no sentences in {text_field!r}; check data.text_field"
-            )
-
-    write_text_atomically(out_path, pieces())
-    warning = stats.warning(f"data.tfds_name={name} split {split!r}")
-    if warning:
-        print(f"warning: {warning}", file=sys.stderr)
-    return out_path
+    return write_sentence_sample(
+        (source[index] for index in range(min(max_documents, len(source)))),
+        out_path,
+        source=f"data.tfds_name={name} split {split!r}",
+        no_sentences=(
+            f"TFDS dataset {name} split {split!r}: the first {max_documents} documents hold "
+            f"no sentences in {text_field!r}; check data.text_field"
+        ),
+    )
