@@ -31,7 +31,7 @@ import ml_collections
 
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
-from mlm import parallel, task
+from mlm import heads, parallel, task
 from mlm.errors import ConfigError
 from mlm.experiment import Experiment
 from mlm.step_bench import model_flops_per_token
@@ -176,7 +176,10 @@ def abstract_batch(
 ) -> dict[str, jax.ShapeDtypeStruct]:
     """The global batch the train and eval steps take, as sharded ShapeDtypeStructs."""
     example = task.dummy_batch(
-        config.train.global_batch_size, config.data.seq_length, config.data.max_predictions_per_seq
+        config.train.global_batch_size,
+        config.data.seq_length,
+        config.data.max_predictions_per_seq,
+        heads.record_labels(config.model.cls_heads),
     )
     return {
         name: jax.ShapeDtypeStruct(value.shape, value.dtype, sharding=sharding)

@@ -257,20 +257,23 @@ def _all_finite(leaves: list[jax.Array]) -> jax.Array:
     return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def make_best_manager(directory: str, metric: str) -> ocp.CheckpointManager:
+def make_best_manager(directory: str, metric: str, comp: str = "") -> ocp.CheckpointManager:
     """Opens the manager that keeps the single best step by an eval metric.
 
     Args:
       directory: where the best step goes (`WORKDIR/checkpoints_best`).
-      metric: an eval metric name; names containing `loss` are better lower, others higher.
+      metric: an eval metric name.
+      comp: `higher` or `lower` is better (`train.best_metric_comp`); empty: names containing
+        `loss` are better lower, others higher.
 
     Returns:
       A CheckpointManager keeping one step: the best so far.
     """
+    lower = comp == "lower" or (not comp and "loss" in metric)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=1,
         best_fn=lambda metrics: metrics[metric],
-        best_mode="min" if "loss" in metric else "max",
+        best_mode="min" if lower else "max",
         keep_checkpoints_without_metrics=False,
         create=True,
         enable_async_checkpointing=True,
@@ -444,6 +447,7 @@ def restore_latest_intact(
     *,
     report: Callable[[str], None],
     move_damaged: bool = False,
+    steps: list[int] | None = None,
 ) -> tuple[Any, int] | None:
     """Restores the newest step that reads back whole, trying older steps past damaged ones.
 
@@ -460,6 +464,8 @@ def restore_latest_intact(
       report: prints one line (e.g. to stderr).
       move_damaged: move damaged steps aside (only the run that owns the workdir; readers
         leave them).
+      steps: the steps to try; None: all of the manager's (`--mode continuous_eval` passes
+        the one it evaluates).
 
     Returns:
       (state, step), or None when the directory holds no step.
@@ -475,7 +481,7 @@ def restore_latest_intact(
         return params_mismatch(os.fspath(manager.directory), step, abstract_state)
 
     return load_latest_intact(
-        list(manager.all_steps()),
+        list(manager.all_steps()) if steps is None else steps,
         lambda step: restore(manager, step, abstract_state, data_iterator),
         where=f"'{manager.directory}'",
         report=report,

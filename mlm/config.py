@@ -15,18 +15,24 @@ from typing import Any
 
 import ml_collections
 
+from mlm import heads
 from mlm.errors import ConfigError
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-# Feed-forward and MLM-head activations: GELU with the tanh approximation (original BERT, Model
-# Garden) or the exact erf form (Hugging Face's "gelu").
-ACTIVATIONS = ("gelu_tanh", "gelu")
+# Feed-forward and MLM-head activations (Model Garden's hidden_activation / mlm_activation):
+# GELU with the tanh approximation (original BERT, Model Garden) or the exact erf form (Hugging
+# Face's "gelu"), ReLU, or SiLU (= swish).
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 # model.remat: per-block activation recomputation (mlm.model.REMAT_POLICIES).
 REMAT_MODES = ("none", "full", "dots")
 # model.kernels (mlm.kernels.SETTINGS; kept here so the schema imports no JAX).
 KERNEL_SETTINGS = ("auto", "cpu", "standard")
-OPTIMIZERS = ("adamw", "lamb")
-MODES = ("train", "eval", "train_and_eval")
+# optimizer.name (Model Garden's optimizer.type) and optimizer.schedule (its learning_rate.type).
+OPTIMIZERS = ("adamw", "lamb", "sgd", "adafactor")
+SCHEDULES = ("polynomial", "linear", "cosine", "constant", "inverse_sqrt")
+MODES = ("train", "eval", "train_and_eval", "continuous_eval")
+# train.best_metric_comp: which way train.best_metric is better; "" guesses by its name.
+BEST_METRIC_COMPS = ("higher", "lower")
 # Eval metrics a best checkpoint can be chosen by.
 EVAL_METRICS = (
     "masked_lm_accuracy",
@@ -72,8 +78,18 @@ def base_config() -> ml_collections.ConfigDict:
             # Compute dtype (params stay float32): float32, bfloat16, or float16 with dynamic
             # loss scaling (optimizer.loss_scale_*).
             dtype="float32",
-            # "gelu_tanh" (original BERT) or "gelu" (exact erf; Hugging Face BERT checkpoints).
+            # The feed-forward activation (Model Garden's hidden_activation): "gelu_tanh"
+            # (original BERT), "gelu" (exact erf; Hugging Face BERT checkpoints), "relu", "silu".
             activation="gelu_tanh",
+            # Model Garden's BertEncoderConfig / BertPretrainerConfig fields of the same names
+            # (docs/reference.md): word-embedding width, factorised as in ALBERT (0: hidden_size);
+            # pre-LN blocks; the truncated-normal stddev of the encoder's weights and of the
+            # masked-LM head's dense layer; the head's activation ("": model.activation).
+            embedding_size=0,
+            norm_first=False,
+            initializer_range=0.02,
+            mlm_activation="",
+            mlm_initializer_range=0.02,
             # Recompute each transformer block's activations in the backward pass to save
             # memory (long sequences): 'none', 'full' (keep only block inputs) or 'dots'
             # (keep matmul outputs). Same values and gradients, more compute.
@@ -82,6 +98,12 @@ def base_config() -> ml_collections.ConfigDict:
             # the step is compiled for ('cpu' on CPU, 'standard' on GPU / TPU); 'cpu' or
             # 'standard' force a set. Same parameters and function either way.
             kernels="auto",
+            # Classification heads on the pooled [CLS] token (Model Garden's cls_heads), a list
+            # of dicts with name, num_classes, inner_dim (0: hidden_size), activation ('tanh'),
+            # dropout_rate (0.0), cls_token_idx (0) (mlm.heads). The head named next_sentence
+            # trains on next_sentence_labels; another head NAME on the TFRecord feature
+            # NAME_labels. Empty: the next-sentence head alone when data.use_next_sentence_label.
+            cls_heads=[],
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -113,6 +135,9 @@ def base_config() -> ml_collections.ConfigDict:
             # Comma-separated globs of Model Garden / BERT pretraining TFRecords (masked already).
             tfrecord_files="",
             eval_tfrecord_files="",
+            # Read each record's position_ids feature (Model Garden's use_position_id) instead
+            # of positions 0..seq_length-1; TFRecords only (the other sources make their own).
+            use_position_id=False,
             # Random batches of the configured shapes (mlm.data.synthetic): no vocab, no files;
             # what `mlm.bench step` times. To check a new machine's throughput end to end.
             synthetic=False,
@@ -155,8 +180,21 @@ def base_config() -> ml_collections.ConfigDict:
             # The eval metric whose best step is kept in WORKDIR/checkpoints_best (names with
             # "loss" are better lower); empty: none.
             best_metric="masked_lm_accuracy",
+            # Which way train.best_metric is better (Model Garden's best_checkpoint_metric_comp):
+            # "higher" or "lower"; empty: lower for names with "loss", else higher.
+            best_metric_comp="",
+            # --mode continuous_eval stops when no new checkpoint has appeared for this many
+            # seconds (Model Garden's eval timeout); 0: waits for train.num_steps however long.
+            continuous_eval_timeout_s=3600.0,
             # Non-finite updates are skipped; this many in a row stop the run (divergence).
             max_consecutive_skips=5,
+            # Recovery from loss blow-ups (Model Garden's trainer fields of the same names): a
+            # step whose loss is not finite or above loss_upper_bound, from step
+            # recovery_begin_steps on, restores the latest checkpoint and skips the batches up to
+            # the bad one; at most recovery_max_trials times per run (0: off).
+            loss_upper_bound=1e6,
+            recovery_begin_steps=0,
+            recovery_max_trials=0,
             seed=42,
             # Also report the train and eval scalars and the config to Weights & Biases (the
             # wandb extra; process 0 only); empty: off. WANDB_MODE=offline keeps it local.
@@ -177,22 +215,32 @@ def base_config() -> ml_collections.ConfigDict:
     )
     config.optimizer = ml_collections.ConfigDict(
         dict(
+            # adamw, lamb, sgd or adafactor.
             name="adamw",
             learning_rate=1e-4,
             warmup_steps=10_000,
+            # After the linear warmup: polynomial, linear, cosine, constant or inverse_sqrt.
+            schedule="polynomial",
             end_learning_rate=0.0,
             power=1.0,
             weight_decay=0.01,
             clip_norm=1.0,
+            # adamw and lamb only.
             b1=0.9,
             b2=0.999,
             eps=1e-6,
+            # sgd only.
+            momentum=0.9,
+            nesterov=False,
             grad_accum_steps=1,
             # Exponential moving average of the params (ema = d * ema + (1 - d) * params after
             # each applied update), used for eval and fill_mask; 0: off.
             ema_decay=0.0,
-            # model.dtype=float16 only: the initial loss scale, and the finite steps in a row
-            # after which it doubles (a non-finite step halves it and is skipped).
+            # model.dtype=float16 only: 0 for dynamic loss scaling, or a fixed loss scale (>= 1)
+            # that never changes (a non-finite step is skipped and counts as a divergence).
+            loss_scale=0.0,
+            # Dynamic scaling: the initial loss scale, and the finite steps in a row after which
+            # it doubles (a non-finite step halves it and is skipped).
             loss_scale_init=2.0**15,
             loss_scale_growth_steps=2000,
         )
@@ -321,6 +369,17 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"model.activation must be one of {', '.join(ACTIVATIONS)}, got '{model.activation}'",
     )
     _require(
+        model.mlm_activation in ("", *ACTIVATIONS),
+        f"model.mlm_activation must be one of {', '.join(ACTIVATIONS)} (or empty: "
+        f"model.activation), got '{model.mlm_activation}'",
+    )
+    _require(
+        model.embedding_size >= 0,
+        f"model.embedding_size must be >= 0 (0: model.hidden_size), got {model.embedding_size}",
+    )
+    for name in ("initializer_range", "mlm_initializer_range"):
+        _require(model[name] > 0, f"model.{name} must be positive, got {model[name]}")
+    _require(
         model.remat in REMAT_MODES,
         f"model.remat must be one of {', '.join(REMAT_MODES)}, got '{model.remat}'",
     )
@@ -353,6 +412,13 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         "data.use_next_sentence_label needs model.type_vocab_size >= 2, got "
         f"{model.type_vocab_size}",
     )
+    head_problems = heads.check(
+        model.cls_heads,
+        seq_length=data.seq_length,
+        use_next_sentence=data.use_next_sentence_label,
+        tfrecords=bool(data.tfrecord_files),
+    )
+    _require(not head_problems, head_problems[0] if head_problems else "")
     sources = [name for name in DATA_SOURCE_FIELDS if data[name]]
     if len(sources) > 1:
         raise ConfigError(
@@ -363,6 +429,11 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         not (data.prepared_dir and data.vocab_file),
         "data.vocab_file is set but data.prepared_dir brings its own vocab.txt; clear "
         "data.vocab_file (the ids in the prepared files were made with the prepared vocab)",
+    )
+    _require(
+        not data.use_position_id or bool(data.tfrecord_files),
+        "data.use_position_id reads the position_ids of data.tfrecord_files, which is not set; "
+        "clear data.use_position_id (the other sources make their own position_ids)",
     )
     _require(
         not (data.synthetic and data.vocab_file),
@@ -399,9 +470,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         _require(data[name] >= 0, f"data.{name} must be >= 0, got {data[name]}")
     for name in ("global_batch_size", "num_steps", "log_every", "checkpoint_every"):
         _require(train[name] > 0, f"train.{name} must be positive, got {train[name]}")
+    eval_metrics = (*EVAL_METRICS, *heads.metric_names(model.cls_heads))
     _require(
-        train.best_metric in ("", *EVAL_METRICS),
-        f"train.best_metric must be one of {', '.join(EVAL_METRICS)} (or empty), got "
+        train.best_metric in ("", *eval_metrics),
+        f"train.best_metric must be one of {', '.join(eval_metrics)} (or empty), got "
         f"'{train.best_metric}'",
     )
     _require(
@@ -409,6 +481,16 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"train.best_metric '{train.best_metric}' needs data.use_next_sentence_label=True (without "
         "it eval has no next-sentence metrics); pick masked_lm_accuracy, lm_example_loss or "
         "validation_loss, or set data.use_next_sentence_label=True",
+    )
+    _require(
+        train.best_metric_comp in ("", *BEST_METRIC_COMPS),
+        f"train.best_metric_comp must be one of {', '.join(BEST_METRIC_COMPS)} (or empty: by "
+        f"the metric's name), got '{train.best_metric_comp}'",
+    )
+    _require(
+        train.continuous_eval_timeout_s >= 0,
+        f"train.continuous_eval_timeout_s must be >= 0 (0: no timeout), got "
+        f"{train.continuous_eval_timeout_s}",
     )
     _require(
         0 <= train.seed < 2**32,
@@ -423,11 +505,21 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         train.max_consecutive_skips >= 1,
         f"train.max_consecutive_skips must be >= 1, got {train.max_consecutive_skips}",
     )
+    _require(
+        train.loss_upper_bound > 0,
+        f"train.loss_upper_bound must be positive, got {train.loss_upper_bound}",
+    )
+    for name in ("recovery_begin_steps", "recovery_max_trials"):
+        _require(train[name] >= 0, f"train.{name} must be >= 0, got {train[name]}")
     for name in ("eval_every", "eval_steps", "keep_checkpoints"):
         _require(train[name] >= 0, f"train.{name} must be >= 0, got {train[name]}")
     _require(
         opt.name in OPTIMIZERS,
         f"optimizer.name must be one of {', '.join(OPTIMIZERS)}, got '{opt.name}'",
+    )
+    _require(
+        opt.schedule in SCHEDULES,
+        f"optimizer.schedule must be one of {', '.join(SCHEDULES)}, got '{opt.schedule}'",
     )
     _require(opt.learning_rate > 0, f"optimizer.learning_rate must be > 0, got {opt.learning_rate}")
     _require(opt.warmup_steps >= 0, f"optimizer.warmup_steps must be >= 0, got {opt.warmup_steps}")
@@ -441,7 +533,7 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
         f"optimizer.grad_accum_steps ({opt.grad_accum_steps})",
     )
     _check_batch_split(config)
-    for name in ("b1", "b2"):
+    for name in ("b1", "b2", "momentum"):
         _require(0.0 <= opt[name] < 1.0, f"optimizer.{name} must be in [0, 1), got {opt[name]}")
     for name in ("end_learning_rate", "weight_decay", "clip_norm", "eps"):
         _require(
@@ -452,6 +544,10 @@ def _check_values(config: ml_collections.ConfigDict) -> None:
     _require(
         0.0 <= opt.ema_decay < 1.0,
         f"optimizer.ema_decay must be in [0, 1) (0: no EMA), got {opt.ema_decay}",
+    )
+    _require(
+        opt.loss_scale == 0.0 or opt.loss_scale >= 1.0,
+        f"optimizer.loss_scale must be 0 (dynamic) or >= 1 (fixed), got {opt.loss_scale}",
     )
     _require(
         opt.loss_scale_init >= 1.0,
@@ -590,6 +686,11 @@ def warnings_for(config: ml_collections.ConfigDict) -> list[str]:
             f"({num_steps}): the run ends in its warmup, at learning rate {reached:.3g} "
             f"({num_steps / opt.warmup_steps:.0%} of optimizer.learning_rate); lower "
             "optimizer.warmup_steps for a full schedule"
+        )
+    if opt.loss_scale > 0 and config.model.dtype != "float16":
+        found.append(
+            f"optimizer.loss_scale ({opt.loss_scale:g}) is used only with model.dtype=float16; "
+            f"this {config.model.dtype} run has no loss scaling"
         )
     return found
 

@@ -32,6 +32,7 @@ from flax import traverse_util
 from mlm import checkpoint, kernels
 from mlm import config as config_lib
 from mlm import config_file as config_file_lib
+from mlm import workdir as workdir_lib
 from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
 from mlm.experiment import Experiment
@@ -285,6 +286,8 @@ def to_hf(workdir: str, output: str) -> Converted:
     """
     from mlm.fill_mask import load_predictor  # The predictor loads exactly what eval uses.
 
+    # A model Hugging Face's BERT does not compute is refused before its checkpoint is read.
+    layout.check_exportable(workdir_lib.read_config(workdir).model.to_dict())
     predictor = load_predictor(workdir)
     fields = predictor.config.model.to_dict()
     params = jax.device_get(predictor.params)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mlm import checkpoint, parallel, privacy, task
+from mlm import checkpoint, loss_scale, parallel, privacy, task
 from mlm.model import BertForPreTraining
 from mlm.optim import create_optimizer, learning_rate_schedule
 
@@ -91,7 +91,7 @@ class Experiment:
                 grad_accum_steps=config.optimizer.grad_accum_steps,
                 dp=privacy.from_config(config),
                 ema_decay=config.optimizer.ema_decay,
-                loss_scale_growth_steps=config.optimizer.loss_scale_growth_steps,
+                loss_scale_growth_steps=loss_scale.growth_steps(config.optimizer),
             ),
             in_shardings=(shardings, batch_sharding),
             out_shardings=(shardings, replicated),

@@ -48,9 +48,17 @@ class MetricWriter:
       start_step: the step the run starts from (the restored checkpoint's, or 0); None for a
         reader (e.g. `--mode eval`) that only appends.
       wandb_run: a Weights & Biases run (`start_wandb`) that also gets every record, or None.
+      tensorboard_dirname: the events' directory in the workdir (`--mode continuous_eval`
+        keeps its own, apart from the training job's).
     """
 
-    def __init__(self, workdir: str, start_step: int | None = 0, wandb_run: Any = None):
+    def __init__(
+        self,
+        workdir: str,
+        start_step: int | None = 0,
+        wandb_run: Any = None,
+        tensorboard_dirname: str = TENSORBOARD_DIRNAME,
+    ):
         self._workdir = workdir
         self._enabled = jax.process_index() == 0
         self._tensorboard = None
@@ -59,7 +67,7 @@ class MetricWriter:
             if start_step is not None:
                 self.drop_after(start_step)
             self._tensorboard = SummaryWriter(
-                os.path.join(workdir, TENSORBOARD_DIRNAME),
+                os.path.join(workdir, tensorboard_dirname),
                 purge_step=None if start_step is None else start_step + 1,
             )
 

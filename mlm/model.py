@@ -1,4 +1,9 @@
-"""BERT encoder (post-LN, as original BERT / Model Garden `BertEncoder`) and pretraining heads.
+"""BERT encoder (Model Garden's `BertEncoderV2`) and pretraining heads.
+
+The blocks are post-LN, as original BERT, or pre-LN with `norm_first` (Model Garden's
+`TransformerEncoderBlock(norm_first=True)`); the word embeddings may be narrower than the hidden
+size (`embedding_size`, Model Garden's `embedding_width`), projected up by a dense layer and tied
+to the masked-LM output through a head that projects back down to that width.
 
 Parameters are always float32; `dtype` only sets the compute dtype of the matmuls. LayerNorms
 compute and return float32, so the residual stream stays float32; logits are returned as float32.
@@ -15,10 +20,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mlm.heads import NEXT_SENTENCE, HeadSpec, logits_key, next_sentence_spec
 from mlm.kernels import KernelSet
 from mlm.kernels import select as select_kernels
 
 LAYER_NORM_EPSILON = 1e-12
+# The default of `model.initializer_range` and `model.mlm_initializer_range`.
 INITIALIZER_STDDEV = 0.02
 
 
@@ -28,38 +35,54 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
-# No stddev correction in jax's truncated_normal: values lie in (-0.04, 0.04), as in TF/BERT.
-kernel_init = nn.initializers.truncated_normal(INITIALIZER_STDDEV)
 layer_norm = functools.partial(nn.LayerNorm, epsilon=LAYER_NORM_EPSILON, dtype=jnp.float32)
 
 
-def dense(features: int, *, kernels: KernelSet, **kwargs) -> nn.Dense:
+def truncated_normal(stddev: float = INITIALIZER_STDDEV) -> nn.initializers.Initializer:
+    """BERT's initializer: a normal of `stddev` cut at +-2 stddev.
+
+    No stddev correction in jax's truncated_normal (nor in TF's): with 0.02 the values lie in
+    (-0.04, 0.04) and their standard deviation is 0.88 * 0.02.
+    """
+    return nn.initializers.truncated_normal(stddev)
+
+
+def dense(
+    features: int, *, kernels: KernelSet, stddev: float = INITIALIZER_STDDEV, **kwargs
+) -> nn.Dense:
     """A float32-param Dense layer with BERT's init and the kernel set's product."""
     return nn.Dense(
         features,
         param_dtype=jnp.float32,
-        kernel_init=kernel_init,
+        kernel_init=truncated_normal(stddev),
         dot_general=kernels.dot_general,
         **kwargs,
     )
 
 
-def dense_general(features, *, kernels: KernelSet, **kwargs) -> nn.DenseGeneral:
+def dense_general(
+    features, *, kernels: KernelSet, stddev: float = INITIALIZER_STDDEV, **kwargs
+) -> nn.DenseGeneral:
     """A float32-param DenseGeneral layer with BERT's init and the kernel set's product."""
     return nn.DenseGeneral(
         features,
         param_dtype=jnp.float32,
-        kernel_init=kernel_init,
+        kernel_init=truncated_normal(stddev),
         dot_general=kernels.dot_general,
         **kwargs,
     )
 
 
-# model.activation -> function: original BERT's tanh approximation, or the exact erf GELU.
+# model.activation / model.mlm_activation -> function (mlm.config.ACTIVATIONS lists the names):
+# original BERT's tanh-approximated GELU, the exact erf GELU, ReLU, and SiLU (= swish).
 ACTIVATIONS = {
     "gelu_tanh": functools.partial(nn.gelu, approximate=True),
     "gelu": functools.partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
 }
+# A classification head's activation (`mlm.heads.ACTIVATIONS`): Model Garden's tanh or the above.
+HEAD_ACTIVATIONS = {"tanh": jnp.tanh, **ACTIVATIONS}
 
 
 def constrain_rows(x: jax.Array, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -105,6 +128,7 @@ class SelfAttention(nn.Module):
     num_heads: int
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
+    initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
     row_sharding: jax.sharding.Sharding | None = None
 
@@ -112,7 +136,9 @@ class SelfAttention(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, *, deterministic: bool) -> jax.Array:
         """Args: x [B, S, H]; mask bool [B, 1, S, S]. Returns: [B, S, H] in the compute dtype."""
         heads = (self.num_heads, self.hidden_size // self.num_heads)
-        project = functools.partial(dense_general, kernels=self.kernels, dtype=self.dtype)
+        project = functools.partial(
+            dense_general, kernels=self.kernels, stddev=self.initializer_range, dtype=self.dtype
+        )
         query, key, value = (
             constrain_rows(project(heads, name=name)(x), self.row_sharding)
             for name in ("query", "key", "value")
@@ -127,7 +153,12 @@ class SelfAttention(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    """Post-LN block: x = LN(x + drop(attn(x))); x = LN(x + drop(W2 act(W1 x))); act is a GELU."""
+    """One transformer block, post-LN (original BERT) or pre-LN (`norm_first`).
+
+    Post-LN: x = LN1(x + drop(attn(x))); x = LN2(x + drop(W2 act(W1 x))).
+    Pre-LN:  x = x + drop(attn(LN1(x)));  x = x + drop(W2 act(W1 LN2(x))), as Model Garden's
+    `TransformerEncoderBlock(norm_first=True)`. The two have the same parameters.
+    """
 
     hidden_size: int
     num_heads: int
@@ -136,6 +167,8 @@ class TransformerLayer(nn.Module):
     attention_dropout_rate: float
     dtype: jnp.dtype = jnp.float32
     activation: str = "gelu_tanh"
+    norm_first: bool = False
+    initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
     row_sharding: jax.sharding.Sharding | None = None
 
@@ -146,29 +179,46 @@ class TransformerLayer(nn.Module):
         `deterministic` is positional so that `nn.remat` can mark it static.
         """
         dropout = self.kernels.dropout(self.dropout_rate, deterministic=deterministic)
-        attended = SelfAttention(
+        attention_norm = layer_norm(name="attention_layer_norm")
+        output_norm = layer_norm(name="output_layer_norm")
+        attention = SelfAttention(
             self.hidden_size,
             self.num_heads,
             self.attention_dropout_rate,
             dtype=self.dtype,
+            initializer_range=self.initializer_range,
             kernels=self.kernels,
             row_sharding=self.row_sharding,
             name="attention",
-        )(x, mask, deterministic=deterministic)
-        x = layer_norm(name="attention_layer_norm")(x + dropout(attended))
-        x = constrain_rows(x, self.row_sharding)
-        ffn = functools.partial(dense, kernels=self.kernels, dtype=self.dtype)
-        hidden = constrain_rows(
-            ffn(self.intermediate_size, name="intermediate")(x), self.row_sharding
         )
-        hidden = ffn(self.hidden_size, name="output")(ACTIVATIONS[self.activation](hidden))
-        return constrain_rows(
-            layer_norm(name="output_layer_norm")(x + dropout(hidden)), self.row_sharding
+        ffn = functools.partial(
+            dense, kernels=self.kernels, stddev=self.initializer_range, dtype=self.dtype
         )
+        intermediate = ffn(self.intermediate_size, name="intermediate")
+        output = ffn(self.hidden_size, name="output")
+
+        def feed_forward(y: jax.Array) -> jax.Array:
+            hidden = constrain_rows(intermediate(y), self.row_sharding)
+            return output(ACTIVATIONS[self.activation](hidden))
+
+        if self.norm_first:
+            attended = attention(attention_norm(x), mask, deterministic=deterministic)
+            x = constrain_rows(x + dropout(attended), self.row_sharding)
+            return constrain_rows(x + dropout(feed_forward(output_norm(x))), self.row_sharding)
+        attended = attention(x, mask, deterministic=deterministic)
+        x = constrain_rows(attention_norm(x + dropout(attended)), self.row_sharding)
+        return constrain_rows(output_norm(x + dropout(feed_forward(x))), self.row_sharding)
 
 
 class Encoder(nn.Module):
-    """Word + position + token-type embeddings, LayerNorm, dropout, then `num_layers` blocks."""
+    """Word + position + token-type embeddings, LayerNorm, dropout, then `num_layers` blocks.
+
+    With `embedding_size` E other than the hidden size H (Model Garden's `embedding_width`), the
+    three embeddings and their LayerNorm are E wide and a dense layer `embedding_projection`
+    maps them to H. With `norm_first` the blocks are pre-LN; as in Model Garden's
+    `BertEncoderV2`, the embeddings keep their LayerNorm and the last block's output is returned
+    as it is (the masked-LM head normalises its own input).
+    """
 
     vocab_size: int
     hidden_size: int
@@ -182,16 +232,29 @@ class Encoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     activation: str = "gelu_tanh"
     remat: str = "none"
+    embedding_size: int = 0  # 0: hidden_size, no projection.
+    norm_first: bool = False
+    initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
     row_sharding: jax.sharding.Sharding | None = None
 
     def setup(self) -> None:
-        embed = functools.partial(nn.Embed, features=self.hidden_size, embedding_init=kernel_init)
+        width = self.embedding_size or self.hidden_size
+        embed = functools.partial(
+            nn.Embed, features=width, embedding_init=truncated_normal(self.initializer_range)
+        )
         self.word_embeddings = embed(self.vocab_size)
         self.position_embeddings = embed(self.max_position_embeddings)
         self.type_embeddings = embed(self.type_vocab_size)
         self.embeddings_layer_norm = layer_norm()
         self.embeddings_dropout = self.kernels.dropout(self.dropout_rate)
+        if width != self.hidden_size:
+            self.embedding_projection = dense(
+                self.hidden_size,
+                kernels=self.kernels,
+                stddev=self.initializer_range,
+                dtype=self.dtype,
+            )
         layer_cls = TransformerLayer
         if self.remat != "none":
             # Activations of each block are recomputed in the backward pass (less memory, more
@@ -208,6 +271,8 @@ class Encoder(nn.Module):
                 self.attention_dropout_rate,
                 dtype=self.dtype,
                 activation=self.activation,
+                norm_first=self.norm_first,
+                initializer_range=self.initializer_range,
                 kernels=self.kernels,
                 row_sharding=self.row_sharding,
                 name=f"layer_{i}",
@@ -247,6 +312,8 @@ class Encoder(nn.Module):
         )
         x = self.embeddings_layer_norm(x)
         x = self.embeddings_dropout(x, deterministic=deterministic)
+        if (self.embedding_size or self.hidden_size) != self.hidden_size:
+            x = self.embedding_projection(x).astype(jnp.float32)
         x = constrain_rows(x, self.row_sharding)
         mask = attention_mask(segment_ids)
         for layer in self.layers:
@@ -255,24 +322,35 @@ class Encoder(nn.Module):
 
 
 class MaskedLMHead(nn.Module):
-    """Dense + GELU + LayerNorm on the gathered slots, then tied word-embedding projection."""
+    """Dense + activation + LayerNorm on the gathered slots, then the tied word-embedding product.
 
-    hidden_size: int
+    The dense layer maps the hidden size H to the width E of the word-embedding table (H unless
+    `model.embedding_size` is set), as Model Garden's `MaskedLM` does, so the logits are the
+    transformed slots against the [V, E] table.
+    """
+
     vocab_size: int
     dtype: jnp.dtype = jnp.float32
     activation: str = "gelu_tanh"
+    initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
 
     @nn.compact
     def __call__(
         self, sequence_output: jax.Array, positions: jax.Array, word_embeddings: jax.Array
     ) -> jax.Array:
-        """Args: sequence_output [B, S, H]; positions int [B, P]; word_embeddings [V, H].
+        """Args: sequence_output [B, S, H]; positions int [B, P]; word_embeddings [V, E].
 
         Returns: float32 [B, P, V] logits.
         """
         x = jnp.take_along_axis(sequence_output, positions[:, :, None], axis=1)
-        x = dense(self.hidden_size, kernels=self.kernels, dtype=self.dtype, name="dense")(x)
+        x = dense(
+            word_embeddings.shape[-1],
+            kernels=self.kernels,
+            stddev=self.initializer_range,
+            dtype=self.dtype,
+            name="dense",
+        )(x)
         x = layer_norm(name="layer_norm")(ACTIVATIONS[self.activation](x))
         x = x.astype(self.dtype)
         logits = self.kernels.vocab_logits(x.reshape(-1, x.shape[-1]), word_embeddings)
@@ -281,23 +359,63 @@ class MaskedLMHead(nn.Module):
         return self.kernels.add_vocab_bias(logits, output_bias)
 
 
-class NextSentenceHead(nn.Module):
-    """Pooler Dense(H, tanh) on the first ([CLS]) token, then a Dense(2) classifier."""
+class ClassificationHead(nn.Module):
+    """A `model.cls_heads` head (Model Garden's `ClassificationHead`, `mlm.heads`).
 
-    hidden_size: int
+    Dense(inner_dim) + activation on the token at `cls_token_idx`, dropout, then
+    Dense(num_classes). The next-sentence head (inner_dim H, tanh, no dropout, token 0, 2 classes)
+    is original BERT's pooler and `cls/seq_relationship`.
+    """
+
+    spec: HeadSpec
     dtype: jnp.dtype = jnp.float32
+    initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
 
     @nn.compact
-    def __call__(self, sequence_output: jax.Array) -> jax.Array:
-        """Args: sequence_output [B, S, H]. Returns: float32 [B, 2] logits."""
-        layer = functools.partial(dense, kernels=self.kernels, dtype=self.dtype)
-        pooled = jnp.tanh(layer(self.hidden_size, name="pooler")(sequence_output[:, 0]))
-        return layer(2, name="classifier")(pooled).astype(jnp.float32)
+    def __call__(self, sequence_output: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """Args: sequence_output [B, S, H]. Returns: float32 [B, num_classes] logits."""
+        spec = self.spec
+        layer = functools.partial(
+            dense, kernels=self.kernels, stddev=self.initializer_range, dtype=self.dtype
+        )
+        pooled = layer(spec.inner_dim, name="pooler")(sequence_output[:, spec.cls_token_idx])
+        pooled = HEAD_ACTIVATIONS[spec.activation](pooled)
+        if spec.dropout_rate > 0:
+            pooled = self.kernels.dropout(spec.dropout_rate)(pooled, deterministic=deterministic)
+        return layer(spec.num_classes, name="classifier")(pooled).astype(jnp.float32)
+
+
+class ClassificationHeads(nn.Module):
+    """The heads other than next_sentence, each a submodule under its own name."""
+
+    specs: tuple[HeadSpec, ...]
+    dtype: jnp.dtype = jnp.float32
+    initializer_range: float = INITIALIZER_STDDEV
+    kernels: KernelSet = KernelSet()
+
+    @nn.compact
+    def __call__(self, sequence_output: jax.Array, *, deterministic: bool) -> dict[str, jax.Array]:
+        """Returns {logits key: float32 [B, num_classes]}, in config order."""
+        return {
+            logits_key(spec.name): ClassificationHead(
+                spec,
+                dtype=self.dtype,
+                initializer_range=self.initializer_range,
+                kernels=self.kernels,
+                name=spec.name,
+            )(sequence_output, deterministic=deterministic)
+            for spec in self.specs
+        }
 
 
 class BertForPreTraining(nn.Module):
-    """BERT encoder with the masked-LM head and, if `use_next_sentence`, the next-sentence head."""
+    """BERT encoder with the masked-LM head and the classification heads (`mlm.heads`).
+
+    The heads are `cls_heads`, or without them the next-sentence head if `use_next_sentence`.
+    The one named next_sentence is `nsp_head` (its parameters named as before heads were
+    configurable); the others live under `cls_heads/NAME`.
+    """
 
     vocab_size: int
     hidden_size: int
@@ -310,8 +428,17 @@ class BertForPreTraining(nn.Module):
     attention_dropout_rate: float = 0.1
     dtype: jnp.dtype = jnp.float32
     use_next_sentence: bool = False
+    cls_heads: tuple[HeadSpec, ...] = ()
     activation: str = "gelu_tanh"
     remat: str = "none"
+    # Model Garden's BertEncoderConfig / BertPretrainerConfig fields (docs/reference.md):
+    # word-embedding width (0: hidden_size), pre-LN blocks, the encoder's and NSP head's init
+    # stddev, and the masked-LM head's activation ('': `activation`) and init stddev.
+    embedding_size: int = 0
+    norm_first: bool = False
+    initializer_range: float = INITIALIZER_STDDEV
+    mlm_activation: str = ""
+    mlm_initializer_range: float = INITIALIZER_STDDEV
     # The backend kernels (`mlm.kernels.select`); None: `model.kernels=auto` for the default
     # devices (`task.build_model` passes the set for the mesh the step is compiled for).
     kernels: KernelSet | None = None
@@ -339,18 +466,35 @@ class BertForPreTraining(nn.Module):
             dtype=self.dtype,
             remat=self.remat,
             activation=self.activation,
+            embedding_size=self.embedding_size,
+            norm_first=self.norm_first,
+            initializer_range=self.initializer_range,
             kernels=kernel_set,
             row_sharding=self.row_sharding,
         )
         self.mlm_head = MaskedLMHead(
-            self.hidden_size,
             self.vocab_size,
             dtype=self.dtype,
-            activation=self.activation,
+            activation=self.mlm_activation or self.activation,
+            initializer_range=self.mlm_initializer_range,
             kernels=kernel_set,
         )
-        if self.use_next_sentence:
-            self.nsp_head = NextSentenceHead(self.hidden_size, dtype=self.dtype, kernels=kernel_set)
+        heads = self.head_specs()
+        head_args = dict(
+            dtype=self.dtype, initializer_range=self.initializer_range, kernels=kernel_set
+        )
+        for spec in heads:
+            if spec.name == NEXT_SENTENCE:
+                self.nsp_head = ClassificationHead(spec, **head_args)
+        others = tuple(spec for spec in heads if spec.name != NEXT_SENTENCE)
+        if others:
+            self.other_heads = ClassificationHeads(others, **head_args, name="cls_heads")
+
+    def head_specs(self) -> tuple[HeadSpec, ...]:
+        """The classification heads: `cls_heads`, else next-sentence with `use_next_sentence`."""
+        if self.cls_heads:
+            return self.cls_heads
+        return (next_sentence_spec(self.hidden_size),) if self.use_next_sentence else ()
 
     def encode(self, batch: Mapping[str, jax.Array], *, deterministic: bool) -> jax.Array:
         """Runs the encoder.
@@ -385,7 +529,8 @@ class BertForPreTraining(nn.Module):
           deterministic: disables dropout when True (otherwise needs a 'dropout' rng).
 
         Returns:
-          {"mlm_logits": float32 [B, P, V]} plus "nsp_logits": float32 [B, 2] with next-sentence.
+          {"mlm_logits": float32 [B, P, V]} plus each classification head's float32
+          [B, num_classes] logits (`mlm.heads.logits_key`: "nsp_logits" for next-sentence).
         """
         sequence_output = self.encode(batch, deterministic=deterministic)
         word_embeddings = self.encoder.word_embeddings.embedding
@@ -394,6 +539,9 @@ class BertForPreTraining(nn.Module):
                 sequence_output, batch["masked_lm_positions"], word_embeddings
             )
         }
-        if self.use_next_sentence:
-            outputs["nsp_logits"] = self.nsp_head(sequence_output)
+        names = [spec.name for spec in self.head_specs()]
+        if NEXT_SENTENCE in names:
+            outputs["nsp_logits"] = self.nsp_head(sequence_output, deterministic=deterministic)
+        if len(names) > (NEXT_SENTENCE in names):
+            outputs.update(self.other_heads(sequence_output, deterministic=deterministic))
         return outputs

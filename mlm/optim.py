@@ -1,8 +1,10 @@
-"""Optimizers for BERT pretraining: AdamW / LAMB, weight-decay mask, warmup + polynomial decay.
+"""Optimizers for BERT pretraining: AdamW / LAMB / SGD / Adafactor, weight-decay mask, schedules.
 
-Follows Model Garden's BERT pretraining recipe (official/modeling/optimization): the learning rate
-decays polynomially over all `num_steps` updates and a linear warmup ramps up to the decayed rate
-at `warmup_steps`. Gradient accumulation lives in the train step, not here.
+Follows Model Garden's optimization package (official/modeling/optimization): `optimizer.name`
+is its `optimizer.type`, `optimizer.schedule` its `learning_rate.type`, and a linear warmup (its
+`warmup.type=linear`) ramps up to the schedule's rate at `warmup_steps`. The default, AdamW with a
+polynomial decay over all `num_steps` updates, is Model Garden's BERT pretraining recipe.
+Gradient accumulation lives in the train step, not here.
 """
 
 from typing import Any
@@ -12,23 +14,63 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from mlm.config import OPTIMIZERS, SCHEDULES
 from mlm.errors import ConfigError
 
-OPTIMIZER_NAMES = ("adamw", "lamb")
+OPTIMIZER_NAMES = OPTIMIZERS
+SCHEDULE_NAMES = SCHEDULES
 # Substrings of a parameter path that exclude it from weight decay (and LAMB's trust ratio),
 # as Model Garden's `exclude_from_weight_decay=["LayerNorm", "layer_norm", "bias"]`.
 _NO_DECAY_COMPONENTS = ("LayerNorm", "layer_norm")
 _NO_DECAY_LEAF = "bias"
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
-    """Polynomial decay over `num_steps` updates wrapped by Model Garden's linear warmup.
+def _after_warmup(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """The rate from `warmup_steps` on, by `optimizer.schedule` (see `learning_rate_schedule`)."""
+    name = config.get("schedule", "polynomial")
+    rate, end, warmup_steps = config.learning_rate, config.end_learning_rate, config.warmup_steps
+    if name == "polynomial":
+        return optax.polynomial_schedule(
+            init_value=rate, end_value=end, power=config.power, transition_steps=num_steps
+        )
+    if name == "linear":
+        return optax.linear_schedule(init_value=rate, end_value=end, transition_steps=num_steps)
+    if name == "constant":
+        return optax.constant_schedule(rate)
+    if name == "cosine":
+        span = max(num_steps - warmup_steps, 1)
 
-    For step < warmup_steps the rate is `decayed(warmup_steps) * step / warmup_steps`; from
-    `warmup_steps` on it is the polynomial decay (counted from step 0); after `num_steps` it stays
-    at `end_learning_rate`. A warmup longer than the run ramps towards `learning_rate` and never
-    ends (as Hugging Face's linear warmup does; ramping to `decayed(warmup_steps)`, which is
-    `end_learning_rate` there, would keep the rate near zero for the whole run).
+        def cosine(step: jax.typing.ArrayLike) -> jax.Array:
+            done = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
+            return end + (rate - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+
+        return cosine
+    # inverse_sqrt: Model Garden's `power` schedule with power -0.5, T5's rsqrt decay.
+    scale_steps = max(warmup_steps, 1)
+
+    def inverse_sqrt(step: jax.typing.ArrayLike) -> jax.Array:
+        return rate * jnp.sqrt(scale_steps / jnp.maximum(step, scale_steps))
+
+    return inverse_sqrt
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) -> optax.Schedule:
+    """`optimizer.schedule` wrapped by Model Garden's linear warmup.
+
+    With W = warmup_steps, N = num_steps, lr = learning_rate, end = end_learning_rate, the rate
+    from step W on is (t: the update count)
+
+      polynomial: (lr - end) * (1 - min(t, N) / N) ** power + end  (counted from step 0)
+      linear:     polynomial with power 1
+      cosine:     end + (lr - end) * (1 + cos(pi * clip((t - W) / (N - W), 0, 1))) / 2
+      constant:   lr
+      inverse_sqrt: lr * sqrt(W / max(t, W))  (W taken as 1 when it is 0)
+
+    For t < W the rate is `after_warmup(W) * t / W`: lr for all but polynomial and linear, whose
+    decay has already begun (Model Garden's recipe). A warmup longer than the run ramps towards
+    `learning_rate` and never ends (as Hugging Face's linear warmup does; ramping to
+    `after_warmup(W)`, which is `end_learning_rate` for a polynomial decay there, would keep the
+    rate near zero for the whole run).
 
     Args:
       config: the `optimizer` config section.
@@ -42,12 +84,8 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, num_steps: int) ->
         raise ConfigError(f"train.num_steps={num_steps} must be >= 1; set a positive step count")
     if warmup_steps < 0:
         raise ConfigError(f"optimizer.warmup_steps={warmup_steps} must be >= 0; use 0 for none")
-    decay = optax.polynomial_schedule(
-        init_value=config.learning_rate,
-        end_value=config.end_learning_rate,
-        power=config.power,
-        transition_steps=num_steps,
-    )
+    _check_choice("schedule", config.get("schedule", "polynomial"), SCHEDULE_NAMES)
+    decay = _after_warmup(config, num_steps)
     if warmup_steps == 0:
         return decay
     peak = decay(warmup_steps) if warmup_steps <= num_steps else config.learning_rate
@@ -86,23 +124,59 @@ def weight_decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(_decays, params)
 
 
+def _check_choice(field: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"optimizer.{field}={value!r} is unknown; use one of {', '.join(choices)}"
+        )
+
+
 def _validate(config: ml_collections.ConfigDict) -> None:
     accum = config.get("grad_accum_steps", 1)
     if isinstance(accum, bool) or not isinstance(accum, int) or accum < 1:
         raise ConfigError(
             f"optimizer.grad_accum_steps={accum!r} must be an int >= 1; use 1 for no accumulation"
         )
-    if config.name not in OPTIMIZER_NAMES:
-        raise ConfigError(
-            f"optimizer.name={config.name!r} is unknown; use one of {', '.join(OPTIMIZER_NAMES)}"
-        )
+    _check_choice("name", config.name, OPTIMIZER_NAMES)
+
+
+def _sgd(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """SGD with (optionally Nesterov) momentum and decoupled weight decay: the update is
+    -lr * (m + weight_decay * param), m <- momentum * m + grad (the decay not in m)."""
+    momentum = config.get("momentum", 0.9)
+    trace = (
+        [optax.trace(decay=momentum, nesterov=config.get("nesterov", False))]
+        if momentum > 0
+        else []
+    )
+    return optax.chain(
+        *trace,
+        optax.add_decayed_weights(config.weight_decay, mask=weight_decay_mask),
+        optax.scale_by_learning_rate(schedule),
+    )
+
+
+def _adafactor(
+    config: ml_collections.ConfigDict, schedule: optax.Schedule
+) -> optax.GradientTransformation:
+    """optax.adafactor with its defaults, the schedule as its learning rate and decoupled weight
+    decay scaled by the rate as AdamW's: the update is -(lr * adafactor_direction +
+    lr * weight_decay * param)."""
+    weight_decay = config.weight_decay
+    return optax.adafactor(
+        learning_rate=schedule,
+        weight_decay_rate=(lambda step: weight_decay * schedule(step)) if weight_decay else None,
+        weight_decay_mask=weight_decay_mask,
+    )
 
 
 def create_optimizer(
     config: ml_collections.ConfigDict, num_steps: int
 ) -> optax.GradientTransformation:
-    """Gradient clipping, then AdamW or LAMB with the warmup + polynomial decay schedule, with
-    non-finite updates skipped (`optax.apply_if_finite`).
+    """Gradient clipping, then AdamW, LAMB, SGD or Adafactor with the warmup + `optimizer.schedule`
+    learning rate, with non-finite updates skipped (`optax.apply_if_finite`).
 
     Args:
       config: the `optimizer` config section.
@@ -112,7 +186,7 @@ def create_optimizer(
       The optax transformation; `update` needs `params` (weight decay, trust ratio).
 
     Raises:
-      ConfigError: unknown optimizer name or invalid `grad_accum_steps`.
+      ConfigError: unknown optimizer or schedule name or invalid `grad_accum_steps`.
     """
     _validate(config)
     schedule = learning_rate_schedule(config, num_steps)
@@ -126,7 +200,7 @@ def create_optimizer(
             weight_decay=config.weight_decay,
             mask=weight_decay_mask,
         )
-    else:
+    elif config.name == "lamb":
         # optax.lamb, but as Model Garden's LAMB, excluded params get no layer adaptation either.
         optimizer = optax.chain(
             optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
@@ -134,6 +208,10 @@ def create_optimizer(
             optax.masked(optax.scale_by_trust_ratio(), weight_decay_mask),
             optax.scale_by_learning_rate(schedule),
         )
+    elif config.name == "sgd":
+        optimizer = _sgd(config, schedule)
+    else:
+        optimizer = _adafactor(config, schedule)
     if config.clip_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(config.clip_norm), optimizer)
     # Divergence guard: an update with a non-finite value is skipped (params and moments kept)

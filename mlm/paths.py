@@ -4,6 +4,7 @@ A workdir holds:
   config.json          the run's config (`mlm.workdir.write_config`)
   vocab.txt            the WordPiece vocab, and vocab_settings.json, how it was made
   metrics.jsonl, eval_metrics.jsonl, tensorboard/   the logs (`mlm.metrics.MetricWriter`)
+  tensorboard_eval/    the eval events of `--mode continuous_eval` (`mlm.continuous_eval`)
   checkpoints/STEP     the state, the iterator position and the config of each saved step;
                        checkpoints/damaged/ holds steps a resume could not read
   checkpoints_best/    the best step by `train.best_metric`
@@ -25,6 +26,7 @@ CONFIG_FILENAME = "config.json"
 VOCAB_FILENAME = "vocab.txt"
 VOCAB_SETTINGS_FILENAME = "vocab_settings.json"
 TENSORBOARD_DIRNAME = "tensorboard"
+CONTINUOUS_EVAL_TENSORBOARD_DIRNAME = "tensorboard_eval"
 CHECKPOINT_DIRNAME = "checkpoints"
 BEST_DIRNAME = "checkpoints_best"
 DAMAGED_DIRNAME = "damaged"

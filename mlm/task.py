@@ -9,7 +9,7 @@ denominators, the host adds them up and divides once.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from mlm import kernels, parallel, privacy
+from mlm import heads, kernels, parallel, privacy
 from mlm import loss_scale as loss_scale_lib
 from mlm.model import BertForPreTraining
 from mlm.optim import ema_update
@@ -60,6 +60,9 @@ def build_model(
 ) -> BertForPreTraining:
     """Builds the pretraining model from `config.model` and `config.data.use_next_sentence_label`.
 
+    The classification heads are `model.cls_heads`, or without them the next-sentence head when
+    `data.use_next_sentence_label` (`mlm.heads.specs`).
+
     Args:
       config: the full validated config.
       mesh: the mesh the step is compiled for: its devices' platform decides `model.kernels=auto`
@@ -83,17 +86,32 @@ def build_model(
         attention_dropout_rate=m.attention_dropout_rate,
         dtype=jnp.dtype(m.dtype),
         use_next_sentence=config.data.use_next_sentence_label,
+        cls_heads=heads.specs(m.cls_heads, m.hidden_size, config.data.use_next_sentence_label),
         activation=m.activation,
         remat=m.remat,
+        embedding_size=m.embedding_size,
+        norm_first=m.norm_first,
+        initializer_range=m.initializer_range,
+        mlm_activation=m.mlm_activation,
+        mlm_initializer_range=m.mlm_initializer_range,
         kernels=kernels.select(m.kernels, platform),
         row_sharding=None if mesh is None else parallel.batch_sharding(mesh),
     )
 
 
-def dummy_batch(batch_size: int, seq_length: int, max_predictions: int) -> dict[str, np.ndarray]:
-    """Returns an all-padding batch of the right shapes and dtypes (for init and shape tracing)."""
+def dummy_batch(
+    batch_size: int,
+    seq_length: int,
+    max_predictions: int,
+    labels: Sequence[tuple[str, int]] = (),
+) -> dict[str, np.ndarray]:
+    """Returns an all-padding batch of the right shapes and dtypes (for init and shape tracing).
+
+    `labels` are the classification heads' label keys (`mlm.heads.record_labels`), zeros.
+    """
     ints = lambda *shape: np.zeros(shape, np.int32)  # noqa: E731
     return {
+        **{key: ints(batch_size) for key, _ in labels},
         "input_word_ids": ints(batch_size, seq_length),
         "input_mask": np.ones((batch_size, seq_length), np.int32),
         "input_type_ids": ints(batch_size, seq_length),
@@ -179,7 +197,9 @@ def state_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(
         ema=config.optimizer.ema_decay > 0,
         loss_scale_init=(
-            config.optimizer.loss_scale_init if config.model.dtype == "float16" else 0.0
+            loss_scale_lib.initial_scale(config.optimizer)
+            if config.model.dtype == "float16"
+            else 0.0
         ),
     )
 
@@ -218,12 +238,15 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
     """Sums and denominators of the task metrics for one batch.
 
     Args:
-      outputs: model outputs (`mlm_logits` [B, P, V], optional `nsp_logits` [B, 2]).
-      batch: the batch (see docs/reference.md 'Batch format').
+      outputs: model outputs (`mlm_logits` [B, P, V] and each classification head's logits,
+        `nsp_logits` [B, 2] for next-sentence).
+      batch: the batch (see docs/reference.md 'Batch format'), with each head's labels
+        (`mlm.heads.label_key`).
 
     Returns:
-      `lm_loss_sum`, `lm_weight_sum`, `lm_correct_sum` and, with next-sentence prediction,
-      `nsp_loss_sum`, `nsp_correct_sum`, `nsp_count`; float32 scalars.
+      `lm_loss_sum`, `lm_weight_sum`, `lm_correct_sum` and, per classification head,
+      `PREFIX_loss_sum`, `PREFIX_correct_sum`, `PREFIX_count` (`mlm.heads.sums_prefix`: `nsp`
+      for next-sentence, else the head's name); float32 scalars.
     """
     logits = outputs["mlm_logits"].astype(jnp.float32)
     weights = batch["masked_lm_weights"].astype(jnp.float32)
@@ -238,16 +261,20 @@ def metric_sums(outputs: Mapping[str, jax.Array], batch: Batch) -> dict[str, jax
         "lm_weight_sum": jnp.sum(weights),
         "lm_correct_sum": jnp.sum(correct * weights),
     }
-    if "nsp_logits" in outputs:
-        nsp_logits = outputs["nsp_logits"].astype(jnp.float32)
-        nsp_labels = batch["next_sentence_labels"]
-        sums["nsp_loss_sum"] = jnp.sum(
-            optax.softmax_cross_entropy_with_integer_labels(nsp_logits, nsp_labels)
+    for key, head_logits in outputs.items():
+        name = heads.head_of_logits_key(key)
+        if name is None:
+            continue
+        head_logits = head_logits.astype(jnp.float32)
+        head_labels = batch[heads.label_key(name)]
+        prefix = heads.sums_prefix(name)
+        sums[f"{prefix}_loss_sum"] = jnp.sum(
+            optax.softmax_cross_entropy_with_integer_labels(head_logits, head_labels)
         )
-        sums["nsp_correct_sum"] = jnp.sum(
-            (jnp.argmax(nsp_logits, axis=-1) == nsp_labels).astype(jnp.float32)
+        sums[f"{prefix}_correct_sum"] = jnp.sum(
+            (jnp.argmax(head_logits, axis=-1) == head_labels).astype(jnp.float32)
         )
-        sums["nsp_count"] = jnp.asarray(nsp_labels.shape[0], jnp.float32)
+        sums[f"{prefix}_count"] = jnp.asarray(head_labels.shape[0], jnp.float32)
     return sums
 
 
@@ -262,20 +289,22 @@ def batch_totals(batch: Batch) -> tuple[jax.Array, jax.Array]:
 def total_loss(
     sums: Mapping[str, jax.Array], lm_weight_total: jax.Array, nsp_total: jax.Array
 ) -> jax.Array:
-    """The training objective: masked-LM loss per weighted slot plus next-sentence loss per example.
+    """The training objective: masked-LM loss per weighted slot plus each head's loss per example.
 
     Args:
       sums: output of `metric_sums` (possibly for a micro-batch).
       lm_weight_total: sum of `masked_lm_weights` over the whole global batch (all devices, all
         micro-batches), so micro-batch losses add up to the full-batch loss.
-      nsp_total: number of examples in the whole global batch.
+      nsp_total: number of examples in the whole global batch (each classification head's
+        denominator).
 
     Returns:
       A float32 scalar.
     """
     loss = _safe_divide(sums["lm_loss_sum"], lm_weight_total)
-    if "nsp_loss_sum" in sums:
-        loss = loss + _safe_divide(sums["nsp_loss_sum"], nsp_total)
+    for name, value in sums.items():
+        if name.endswith("_loss_sum") and name != "lm_loss_sum":
+            loss = loss + _safe_divide(value, nsp_total)
     return loss
 
 
@@ -472,7 +501,8 @@ def train_step(
       grad_accum_steps: micro-batches per update.
       dp: DP-SGD settings (`privacy.from_config`), or None for ordinary training.
       ema_decay: the EMA decay; used when `state.ema_params` is not None.
-      loss_scale_growth_steps: with `state.loss_scale`: finite steps after which it doubles.
+      loss_scale_growth_steps: with `state.loss_scale`: finite steps after which it doubles
+        (`loss_scale.FIXED`: a fixed scale).
 
     Returns:
       (new state, logs): logs hold `loss`, `grad_norm`, `learning_rate`, the metric sums and,
@@ -505,7 +535,7 @@ def train_step(
     overflow = jnp.asarray(False)
     if state.loss_scale is not None:
         finite = loss_scale_lib.all_finite(grads)
-        overflow = ~finite & (scale > loss_scale_lib.MIN_SCALE)
+        overflow = loss_scale_lib.overflow(scale, finite, loss_scale_growth_steps)
         grads = jax.tree.map(lambda g: jnp.where(overflow, jnp.zeros_like(g), g), grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -562,7 +592,8 @@ def inference_step(params: Any, batch: Batch, *, model: BertForPreTraining) -> d
       model: the pretraining module.
 
     Returns:
-      `mlm_logits` [B, P, V] (and `nsp_logits` [B, 2] with next-sentence prediction), float32.
+      `mlm_logits` [B, P, V] and each classification head's logits [B, num_classes]
+      (`nsp_logits` for next-sentence prediction), float32.
     """
     return model.apply({"params": params}, batch, deterministic=True)
 
@@ -597,8 +628,9 @@ def reduce_aggregated_logs(aggregated: Logs, global_step: int | None = None) -> 
       global_step: the step the metrics belong to, included as `step` when given.
 
     Returns:
-      `lm_example_loss`, `masked_lm_accuracy`, `next_sentence_loss` / `next_sentence_accuracy`
-      (with next-sentence prediction), the interval means of MEAN_KEYS (`loss` for training),
+      `lm_example_loss`, `masked_lm_accuracy`, per classification head `NAME_loss` /
+      `NAME_accuracy` (`next_sentence_loss` / `next_sentence_accuracy`), the interval means of
+      MEAN_KEYS (`loss` for training),
       `validation_loss` (from sums, when there is no per-step `loss`), and `learning_rate`.
     """
 
@@ -611,16 +643,22 @@ def reduce_aggregated_logs(aggregated: Logs, global_step: int | None = None) -> 
         metrics["step"] = int(global_step)
     metrics["lm_example_loss"] = ratio("lm_loss_sum", "lm_weight_sum")
     metrics["masked_lm_accuracy"] = ratio("lm_correct_sum", "lm_weight_sum")
-    if "nsp_count" in aggregated:
-        metrics["next_sentence_loss"] = ratio("nsp_loss_sum", "nsp_count")
-        metrics["next_sentence_accuracy"] = ratio("nsp_correct_sum", "nsp_count")
+    head_losses = []
+    for key in list(aggregated):
+        prefix = key[: -len("_count")]
+        if not key.endswith("_count") or f"{prefix}_loss_sum" not in aggregated:
+            continue
+        name = heads.metric_prefix(prefix)
+        metrics[f"{name}_loss"] = ratio(f"{prefix}_loss_sum", key)
+        metrics[f"{name}_accuracy"] = ratio(f"{prefix}_correct_sum", key)
+        head_losses.append(metrics[f"{name}_loss"])
     for name in MEAN_KEYS:
         if name in aggregated:
             metrics[name] = aggregated[name] / aggregated["num_steps"]
     if "loss" not in aggregated:
-        metrics["validation_loss"] = metrics["lm_example_loss"] + metrics.get(
-            "next_sentence_loss", 0.0
-        )
+        metrics["validation_loss"] = metrics["lm_example_loss"]
+        for head_loss in head_losses:
+            metrics["validation_loss"] += head_loss
     for name in LAST_KEYS:
         if name in aggregated:
             metrics[name] = aggregated[name]

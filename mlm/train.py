@@ -2,7 +2,7 @@
 
 Run:
   python -m mlm.train --config configs/quickstart.py --workdir /tmp/mlm_quickstart \
-      [--config.train.num_steps=500 ...] [--mode train|eval|train_and_eval]
+      [--config.train.num_steps=500 ...] [--mode train|eval|train_and_eval|continuous_eval]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from mlm.errors import ConfigError, DivergenceError, WorkdirError
 from mlm.experiment import Experiment
 from mlm.metrics import ConsoleProgress, MetricWriter
 from mlm.preemption import PreemptionWatcher
+from mlm.recovery import LossBlowUpError, RecoveryPolicy
 
 
 class _TrainLogger:
@@ -48,8 +49,10 @@ class _TrainLogger:
         max_consecutive_skips: int = 2**30,
         last_saved: Callable[[], int | None] = lambda: None,
         extra_metrics: Callable[[int], dict[str, float]] = lambda step: {},
+        recovery: RecoveryPolicy | None = None,
     ):
         self._writer = writer
+        self._recovery = recovery
         self._extra_metrics = extra_metrics
         self._max_consecutive_skips = max_consecutive_skips
         self._last_saved = last_saved
@@ -75,6 +78,11 @@ class _TrainLogger:
             pending, self._pending = self._pending, None
             self._process(*pending)
 
+    def reset(self) -> None:
+        """Drops the queued step and the interval's aggregate (a recovery discards them)."""
+        self._pending, self._aggregated = None, None
+        self._tokens, self._steps, self._interval_start = 0, 0, None
+
     def _check_divergence(self, step: int, consecutive_skips: int) -> None:
         if consecutive_skips < self._max_consecutive_skips:
             return
@@ -89,6 +97,10 @@ class _TrainLogger:
 
     def _process(self, step: int, device_logs: Any, num_tokens: int) -> None:
         host_logs = jax.device_get(device_logs)
+        if self._recovery is not None and "loss" in host_logs:
+            loss = float(host_logs["loss"])
+            if self._recovery.blows_up(step, loss):
+                raise LossBlowUpError(step, loss)
         now = time.perf_counter()
         self._progress.advance(step)
         self._aggregated = task.aggregate_logs(self._aggregated, host_logs)
@@ -103,6 +115,8 @@ class _TrainLogger:
             return
         metrics = task.reduce_aggregated_logs(self._aggregated, step)
         metrics.update(self._extra_metrics(step))
+        if self._recovery is not None and self._recovery.enabled:
+            metrics["recoveries"] = self._recovery.trials
         elapsed = now - self._interval_start
         if self._steps and elapsed > 0:
             metrics["tokens_per_s"] = self._tokens / elapsed
@@ -178,7 +192,9 @@ def train_and_evaluate(
     Args:
       config: a config from `configs/` (validated here).
       workdir: where config.json, vocab.txt, metrics, TensorBoard events and checkpoints go.
-      mode: `train`, `eval` (evaluate the latest checkpoint) or `train_and_eval`.
+      mode: `train`, `eval` (evaluate the latest checkpoint), `train_and_eval`, or
+        `continuous_eval` (evaluate each checkpoint as a training job saves it, without the lock;
+        see `mlm.continuous_eval`).
 
     Returns:
       {'train': last logged train metrics, 'eval': last eval metrics} (empty dicts when absent),
@@ -187,6 +203,10 @@ def train_and_evaluate(
     if mode not in config_lib.MODES:
         raise ConfigError(f"--mode must be one of {', '.join(config_lib.MODES)}, got '{mode}'")
     config = config_lib.validate(config)
+    if mode == "continuous_eval":  # A reader next to the training job: no lock, no run files.
+        from mlm import continuous_eval  # Here: it imports this module.
+
+        return continuous_eval.run(config, workdir)
     privacy.require_accountant(config)
     metrics_lib.require_wandb(config)
     if mode != "eval":
@@ -252,7 +272,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         )
         if config.train.best_metric and inputs.eval is not None and mode != "eval":
             best_manager = checkpoint.make_best_manager(
-                os.path.join(workdir, paths.BEST_DIRNAME), config.train.best_metric
+                os.path.join(workdir, paths.BEST_DIRNAME),
+                config.train.best_metric,
+                config.train.best_metric_comp,
             )
         # A reader appends; a run drops what an earlier attempt logged after its start step.
         writer = MetricWriter(
@@ -311,6 +333,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
         progress = ConsoleProgress(start, last)
         if start < last:
             progress.write(f"compiling the train step; training steps {start + 1} to {last}...")
+        recovery = RecoveryPolicy.from_config(config)
         logger = _TrainLogger(
             writer,
             config.train.log_every,
@@ -319,13 +342,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
             config.train.max_consecutive_skips,
             manager.latest_step,
             functools.partial(_privacy_metrics, config),
+            recovery,
         )
+        # Where a recovery without any checkpoint goes back to: the run's first batch.
+        first_position = train_iter.get_state() if recovery.enabled and not start else None
         with PreemptionWatcher(manager.reached_preemption) as watcher:
-            for step in range(start + 1, last + 1):
+            step = start
+            while step < last:
+                step += 1
                 batch = next(train_iter)
                 num_tokens = int(batch["input_mask"].sum()) * jax.process_count()
                 state, logs = train_fn(state, parallel.global_batch(batch, mesh))
-                logger.add(step, logs, num_tokens)
                 stop = watcher.should_stop(step)
                 save_now = stop or step % config.train.checkpoint_every == 0 or step == last
                 eval_now = (
@@ -333,8 +360,17 @@ def _run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str
                     and mode == "train_and_eval"
                     and (step == last or (every and step % every == 0))
                 )
-                if save_now or eval_now:
-                    logger.flush()
+                try:
+                    logger.add(step, logs, num_tokens)
+                    if save_now or eval_now:
+                        logger.flush()
+                except LossBlowUpError as blow_up:
+                    state, step = _recover(
+                        experiment, workdir, manager, train_iter, blow_up, recovery, first_position
+                    )
+                    progress.write(recovery.report(blow_up, step))
+                    logger.reset()
+                    continue
                 if save_now:
                     checkpoint.save(manager, step, state, train_iter, config.to_dict())
                 if eval_now:
@@ -399,6 +435,44 @@ def _restore_or_start(
     if config.train.init_checkpoint:
         state = _initialize_from(config, workdir, state, experiment.shardings)
     return state, 0
+
+
+def _recover(
+    experiment: Experiment,
+    workdir: str,
+    manager: Any,
+    train_iter: Iterator,
+    blow_up: LossBlowUpError,
+    recovery: RecoveryPolicy,
+    first_position: Any,
+) -> tuple[task.TaskState, int]:
+    """Rolls back after a loss blow-up: the latest intact checkpoint, past the bad batches.
+
+    Restores the latest intact checkpoint (the train state and the iterator position), or the
+    run's start when there is none, then reads and drops the batches of the steps up to and
+    including `blow_up.step`, so the bad batch is not trained on again.
+
+    Returns:
+      (the restored state, its step).
+
+    Raises:
+      DivergenceError: `train.recovery_max_trials` recoveries were made already.
+    """
+    manager.wait_until_finished()
+    restored = checkpoint.restore_latest_intact(
+        manager, experiment.restore_target(), train_iter, report=_report, move_damaged=True
+    )
+    if restored is None:  # No checkpoint yet: back to the run's first step.
+        state, step = experiment.init_state(), 0
+        if experiment.config.train.init_checkpoint:
+            state = _initialize_from(experiment.config, workdir, state, experiment.shardings)
+        train_iter.set_state(first_position)
+    else:
+        state, step = restored
+    recovery.start_trial(blow_up, step)
+    for _ in range(blow_up.step - step):
+        next(train_iter)
+    return state, step
 
 
 def _privacy_summary(config: ml_collections.ConfigDict, steps: int, epsilon: float) -> str:

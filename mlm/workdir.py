@@ -215,16 +215,19 @@ def check_consistent(
         return None
     previous, where = found
     current = config.to_dict()
+    # A field added to the schema after the run was written had its default there.
+    defaults = config_lib.base_config().to_dict()
     for section in _FIXED_SECTIONS:
         for field, value in current[section].items():
             if not _is_fixed(f"{section}.{field}", mode):
                 continue
             saved = previous.get(section)
-            if isinstance(saved, dict) and saved.get(field, value) != value:
+            if isinstance(saved, dict) and saved.get(field, defaults[section][field]) != value:
                 source = "" if where.endswith(CONFIG_FILENAME) else f" ({where})"
                 raise WorkdirError(
                     f"workdir '{workdir}' holds a run with {section}.{field}="
-                    f"{saved[field]!r}{source}, this config has {value!r}; use a new "
+                    f"{saved.get(field, defaults[section][field])!r}{source}, this config has "
+                    f"{value!r}; use a new "
                     "--workdir or the same config"
                 )
     return previous

@@ -201,6 +201,25 @@ def test_non_finite_parameters_are_never_saved(tmp_path):
     assert checkpoint.all_finite(state) and not checkpoint.all_finite(broken)
 
 
+@pytest.mark.parametrize(
+    "metric,comp,kept",
+    [
+        ("validation_loss", "", 1),  # By the name: a loss is better lower.
+        ("validation_loss", "higher", 2),
+        ("masked_lm_accuracy", "", 2),
+        ("masked_lm_accuracy", "lower", 1),
+    ],
+)
+def test_best_metric_comp_overrides_the_guess_from_the_name(tmp_path, metric, comp, kept):
+    manager = checkpoint.make_best_manager(str(tmp_path / "checkpoints_best"), metric, comp)
+    # Step 2 has the higher loss and the higher accuracy.
+    for step, loss, accuracy in ((1, 2.0, 0.1), (2, 3.0, 0.3)):
+        metrics = {"step": step, "validation_loss": loss, "masked_lm_accuracy": accuracy}
+        checkpoint.save_best(manager, step, {"w": jnp.ones(2) * step}, metrics)
+    checkpoint.finish(manager)
+    assert os.listdir(tmp_path / "checkpoints_best") == [str(kept)]
+
+
 def test_late_wakeups_of_a_closed_event_loop_stay_off_the_console(monkeypatch):
     import asyncio
     import logging

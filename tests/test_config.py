@@ -77,13 +77,29 @@ def test_int_for_float_field_is_converted():
         ("model", "dtype", "float8", "model.dtype must be one of"),
         ("optimizer", "ema_decay", 1.0, "optimizer.ema_decay must be in"),
         ("optimizer", "loss_scale_init", 0.5, "optimizer.loss_scale_init must be >= 1"),
-        ("model", "activation", "relu", "model.activation must be one of"),
+        ("model", "activation", "swish", "model.activation must be one of gelu_tanh, gelu, relu"),
+        ("model", "mlm_activation", "tanh", r"model\.mlm_activation must be one of .* \(or empty"),
+        ("model", "embedding_size", -1, r"model\.embedding_size must be >= 0 \(0: model\.hidden"),
+        ("model", "initializer_range", 0.0, "model.initializer_range must be positive"),
+        ("model", "mlm_initializer_range", -0.02, "model.mlm_initializer_range must be positive"),
         ("data", "seq_length", 1024, "max_position_embeddings"),
         ("data", "max_predictions_per_seq", 0, "max_predictions_per_seq"),
         ("data", "masking_rate", 1.5, "masking_rate"),
-        ("optimizer", "name", "sgd", "optimizer.name must be one of adamw, lamb"),
+        ("optimizer", "name", "adam", "optimizer.name must be one of adamw, lamb, sgd, adafactor,"),
+        (
+            "optimizer",
+            "schedule",
+            "rsqrt",
+            "optimizer.schedule must be one of polynomial, linear, cosine, constant, inverse_sqrt,",
+        ),
+        ("optimizer", "momentum", 1.0, r"optimizer\.momentum must be in \[0, 1\), got 1.0"),
+        ("optimizer", "momentum", -0.1, r"optimizer\.momentum must be in \[0, 1\)"),
+        ("optimizer", "loss_scale", -1.0, r"optimizer\.loss_scale must be 0 \(dynamic\) or >= 1"),
+        ("optimizer", "loss_scale", 0.5, r"optimizer\.loss_scale must be 0 \(dynamic\) or >= 1"),
         ("optimizer", "grad_accum_steps", 3, "divisible by optimizer.grad_accum_steps"),
         ("train", "num_steps", 0, "train.num_steps must be positive"),
+        ("train", "best_metric_comp", "max", "train.best_metric_comp must be one of higher, "),
+        ("train", "continuous_eval_timeout_s", -1.0, r"continuous_eval_timeout_s must be >= 0"),
         ("model", "type_vocab_size", 0, "model.type_vocab_size must be positive"),
         ("train", "seed", -1, r"train\.seed must be in \[0, 2\*\*32\)"),
         ("optimizer", "b2", 1.0, r"optimizer\.b2 must be in \[0, 1\)"),
@@ -135,6 +151,21 @@ def test_bad_privacy_values_are_rejected_only_when_enabled(field, value, message
         config_lib.validate(config)
 
 
+def test_config_json_without_the_encoder_options_loads_as_todays_model():
+    old = json.loads(config_lib.to_json(config_lib.base_config()))
+    for field in (
+        "embedding_size",
+        "norm_first",
+        "initializer_range",
+        "mlm_activation",
+        "mlm_initializer_range",
+    ):
+        del old["model"][field]
+    model = config_lib.from_json(json.dumps(old)).model
+    assert (model.embedding_size, model.norm_first, model.mlm_activation) == (0, False, "")
+    assert model.initializer_range == model.mlm_initializer_range == 0.02
+
+
 def test_config_json_without_the_new_sections_loads_with_their_defaults():
     old = json.loads(config_lib.to_json(config_lib.base_config()))
     del old["privacy"]
@@ -143,6 +174,40 @@ def test_config_json_without_the_new_sections_loads_with_their_defaults():
     config = config_lib.from_json(json.dumps(old))
     assert not config.privacy.enabled
     assert config.optimizer.ema_decay == 0.0
+
+
+def test_config_json_from_before_the_optimizer_choices_loads_as_it_ran():
+    old = json.loads(config_lib.to_json(config_lib.base_config()))
+    for field in ("schedule", "momentum", "nesterov", "loss_scale"):
+        del old["optimizer"][field]
+    config = config_lib.from_json(json.dumps(old))
+    # AdamW with the polynomial decay and dynamic float16 loss scaling, as before.
+    assert (config.optimizer.name, config.optimizer.schedule) == ("adamw", "polynomial")
+    assert config.optimizer.loss_scale == 0.0
+
+
+@pytest.mark.parametrize("name", config_lib.OPTIMIZERS)
+@pytest.mark.parametrize("schedule", config_lib.SCHEDULES)
+def test_every_optimizer_and_schedule_validates(name, schedule):
+    config = config_lib.base_config()
+    config.optimizer.update(name=name, schedule=schedule, nesterov=True, momentum=0.0)
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_a_fixed_loss_scale_without_float16_is_a_warning(dtype):
+    config = config_lib.base_config()
+    config.model.dtype = dtype
+    config.optimizer.loss_scale = 128.0
+    config.train.num_steps = config.optimizer.warmup_steps  # No warmup warning.
+    found = config_lib.warnings_for(config_lib.validate(config))
+    if dtype == "float16":
+        assert found == []
+    else:
+        assert found == [
+            f"optimizer.loss_scale (128) is used only with model.dtype=float16; this {dtype} "
+            "run has no loss scaling"
+        ]
 
 
 # ------------------------------------------------------------- numbers the device cannot take
@@ -260,3 +325,12 @@ def test_from_json_refuses_bad_numbers(section, field, text, message):
 def test_from_json_refuses_damaged_files_in_one_line(text, message):
     with pytest.raises(ConfigError, match=message):
         config_lib.from_json(text)
+
+
+def test_use_position_id_needs_tfrecord_files():
+    config = config_lib.base_config()
+    config.data.use_position_id = True
+    with pytest.raises(ConfigError, match="^data.use_position_id reads the position_ids of"):
+        config_lib.validate(config)
+    config.data.tfrecord_files = "records/*.tfrecord"
+    assert config_lib.validate(config).data.use_position_id

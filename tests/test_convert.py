@@ -158,6 +158,52 @@ def test_to_hf_round_trip_is_bit_identical_and_loads_cleanly(masked_lm):
     assert 1 not in ours  # No [UNK]: the text really was tokenized by both.
 
 
+@pytest.mark.parametrize("hidden_act", ["relu", "silu"])
+def test_relu_and_silu_models_and_initializer_range_convert_both_ways(hidden_act, tmp_path):
+    config = hf_config(hidden_act=hidden_act, initializer_range=0.03)
+    model = random_hf_model(transformers.BertForMaskedLM, config)
+    converted = convert.from_hf(save_hf(model, tmp_path / "hf", tmp_path), str(tmp_path / "mlm"))
+    predictor = load_predictor(converted.output)
+    fields = predictor.config.model
+    assert (fields.activation, fields.mlm_activation) == (hidden_act, "")
+    assert fields.initializer_range == fields.mlm_initializer_range == 0.03
+    ids, mask, types = random_batch()
+    diff = max_real_diff(
+        our_outputs(predictor, ids, mask, types)["mlm_logits"],
+        hf_outputs(model, ids, mask, types).logits.numpy(),
+        mask,
+    )
+    print(f"{hidden_act}: hf -> mlm max abs MLM logit difference: {diff:.3g}")
+    assert diff < MAX_ABS_LOGIT_DIFF
+    exported = convert.to_hf(converted.output, str(tmp_path / "back"))
+    loaded = transformers.BertForMaskedLM.from_pretrained(exported.output)
+    assert (loaded.config.hidden_act, loaded.config.initializer_range) == (hidden_act, 0.03)
+    assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("norm_first", True, r"model\.norm_first=True has no Hugging Face BERT counterpart"),
+        ("embedding_size", 8, r"model\.embedding_size=8 has no Hugging Face BERT counterpart"),
+        ("mlm_activation", "relu", r"model\.mlm_activation='relu' differs from model\.activ"),
+    ],
+)
+def test_models_hugging_face_bert_cannot_compute_do_not_export(
+    masked_lm, tmp_path, capsys, field, value, message
+):
+    workdir = shutil.copytree(masked_lm[2].output, tmp_path / "mlm")
+    config_path = workdir / "config.json"
+    config = json.loads(config_path.read_text())
+    config["model"][field] = value
+    config_path.write_text(json.dumps(config))
+    line = convert_cli_error(
+        ["--to", "hf", "--input", str(workdir), "--output", str(tmp_path / "out")], capsys
+    )
+    assert re.search(message, line), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_fill_mask_matches_transformers_pipeline(masked_lm):
     _, hf_dir, converted, _ = masked_lm
     predictor = load_predictor(converted.output)
@@ -431,9 +477,13 @@ BAD_HF_CONFIGS = {
     "dropout": ({"hidden_dropout_prob": 1.5}, r"hidden_dropout_prob is 1\.5; it must be a number"),
     "null_dropout": ({"attention_probs_dropout_prob": None}, r"attention_probs_dropout_prob is N"),
     "activation": (
-        {"hidden_act": "relu"},
-        r"hidden_act 'relu' is not computed by mlm; only models with hidden_act gelu, gelu_fast, "
-        r"gelu_new, gelu_pytorch_tanh convert",
+        {"hidden_act": "tanh"},
+        r"hidden_act 'tanh' is not computed by mlm; only models with hidden_act gelu, gelu_fast, "
+        r"gelu_new, gelu_pytorch_tanh, relu, silu, swish convert",
+    ),
+    "initializer_range": (
+        {"initializer_range": -0.02},
+        r"initializer_range is -0\.02; it must be a positive number",
     ),
     "null_activation": ({"hidden_act": None}, r"hidden_act None is not computed by mlm"),
     "null_epsilon": ({"layer_norm_eps": None}, r"layer_norm_eps is None, not a number"),

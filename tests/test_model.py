@@ -354,5 +354,176 @@ def test_remat_keeps_params_outputs_and_gradients(remat):
 
         return jax.jit(jax.value_and_grad(fn))(variables["params"])
 
+    # The recomputed forward is fused differently: float32 rounding of gradients whose terms
+    # are ~1 in size leaves ~1e-6 absolute differences on elements that nearly cancel.
     for a, b in zip(jax.tree.leaves(loss(rematted)), jax.tree.leaves(loss(plain)), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------ Model Garden encoder options (BertEncoderConfig)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def numpy_embeddings(params, batch):
+    """Word + position (0 at padding) + type embeddings, then LayerNorm (at the table width)."""
+    positions = np.where(batch["packed_segment_ids"] != 0, batch["position_ids"], 0)
+    x = (
+        params["encoder/word_embeddings/embedding"][batch["input_word_ids"]]
+        + params["encoder/position_embeddings/embedding"][positions]
+        + params["encoder/type_embeddings/embedding"][batch["input_type_ids"]]
+    )
+    ln = "encoder/embeddings_layer_norm"
+    return layer_norm(x, params[f"{ln}/scale"], params[f"{ln}/bias"])
+
+
+def numpy_pre_ln_block(x, params, layer, mask):
+    """Model Garden's TransformerEncoderBlock(norm_first=True) without dropout, in numpy."""
+    p = {k.removeprefix(f"encoder/{layer}/"): np.asarray(v) for k, v in params.items()}
+    y = layer_norm(x, p["attention_layer_norm/scale"], p["attention_layer_norm/bias"])
+    q, k, v = (
+        np.einsum("bsh,hnd->bsnd", y, p[f"attention/{n}/kernel"]) + p[f"attention/{n}/bias"]
+        for n in ("query", "key", "value")
+    )
+    scores = np.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(q.shape[-1])
+    scores = np.where(mask, scores, -1e30)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    context = np.einsum("bnqk,bknd->bqnd", weights, v)
+    x = x + np.einsum("bqnd,ndh->bqh", context, p["attention/output/kernel"])
+    x = x + p["attention/output/bias"]
+    y = layer_norm(x, p["output_layer_norm/scale"], p["output_layer_norm/bias"])
+    hidden = gelu_tanh(y @ p["intermediate/kernel"] + p["intermediate/bias"])
+    return x + hidden @ p["output/kernel"] + p["output/bias"]
+
+
+def test_pre_ln_block_matches_numpy_and_keeps_the_param_tree():
+    post, pre = make_model(num_layers=1), make_model(num_layers=1, norm_first=True)
+    batch = make_batch()
+    variables = init(pre, batch)
+    post_variables = init(post, batch)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, post_variables)
+    params = {k: np.asarray(v) for k, v in flat_params(variables).items()}
+    # LayerNorms away from (1, 0) so that a misplaced norm shows.
+    rng = np.random.default_rng(1)
+    for name in params:
+        if "layer_norm" in name:
+            params[name] = params[name] + rng.normal(0, 0.3, params[name].shape).astype(np.float32)
+    variables = {"params": traverse_util.unflatten_dict(params, sep="/")}
+    sequence = apply(pre, variables, batch, deterministic=True, method=BertForPreTraining.encode)
+    mask = np.asarray(attention_mask(jnp.asarray(batch["packed_segment_ids"])))
+    expected = numpy_pre_ln_block(numpy_embeddings(params, batch), params, "layer_0", mask)
+    np.testing.assert_allclose(sequence, expected, atol=2e-5)
+    post_sequence = apply(post, variables, batch, deterministic=True, method="encode")
+    assert np.abs(np.asarray(post_sequence) - expected).max() > 0.1  # Not the post-LN block.
+
+
+def test_factorised_embeddings_match_numpy_with_tied_head():
+    width = 8
+    model = make_model(embedding_size=width, num_layers=1, use_next_sentence=True)
+    batch = make_batch()
+    variables = init(model, batch)
+    params = {k: np.asarray(v) for k, v in flat_params(variables).items()}
+    shapes = {k: v.shape for k, v in params.items()}
+    assert shapes["encoder/word_embeddings/embedding"] == (VOCAB, width)
+    assert shapes["encoder/position_embeddings/embedding"] == (MAX_POS, width)
+    assert shapes["encoder/type_embeddings/embedding"] == (TYPES, width)
+    assert shapes["encoder/embeddings_layer_norm/scale"] == (width,)
+    assert shapes["encoder/embedding_projection/kernel"] == (width, HIDDEN)
+    assert shapes["encoder/embedding_projection/bias"] == (HIDDEN,)
+    assert shapes["mlm_head/dense/kernel"] == (HIDDEN, width)
+    assert shapes["mlm_head/layer_norm/scale"] == (width,)
+    assert "encoder/embedding_projection/kernel" not in flat_params(init(make_model(), batch))
+
+    # Embeddings -> projection, checked through a zero-layer encoder with the same params.
+    no_layers = make_model(embedding_size=width, num_layers=0, use_next_sentence=True)
+    projected = apply(no_layers, variables, batch, deterministic=True, method="encode")
+    expected = (
+        numpy_embeddings(params, batch) @ params["encoder/embedding_projection/kernel"]
+        + params["encoder/embedding_projection/bias"]
+    )
+    np.testing.assert_allclose(projected, expected, atol=1e-5)
+
+    # The head maps H back to E and scores against the [V, E] table.
+    sequence = np.asarray(apply(model, variables, batch, deterministic=True, method="encode"))
+    outputs = apply(model, variables, batch, deterministic=True)
+    gathered = np.take_along_axis(sequence, batch["masked_lm_positions"][..., None], 1)
+    hidden = gelu_tanh(gathered @ params["mlm_head/dense/kernel"] + params["mlm_head/dense/bias"])
+    hidden = layer_norm(
+        hidden, params["mlm_head/layer_norm/scale"], params["mlm_head/layer_norm/bias"]
+    )
+    logits = hidden @ params["encoder/word_embeddings/embedding"].T + params["mlm_head/output_bias"]
+    np.testing.assert_allclose(outputs["mlm_logits"], logits, atol=1e-5)
+
+    # The gradient reaches the table through the input lookup and the tied output product.
+    def loss(p):
+        return jnp.sum(model.apply({"params": p}, batch, deterministic=True)["mlm_logits"] ** 2)
+
+    grads = flat_params({"params": jax.jit(jax.grad(loss))(variables["params"])})
+    assert np.all(np.isfinite(grads["encoder/word_embeddings/embedding"]))
+    assert np.abs(grads["encoder/embedding_projection/kernel"]).max() > 0
+
+
+def test_embedding_size_equal_to_hidden_size_is_the_unfactorised_model():
+    batch = make_batch()
+    plain, same = make_model(), make_model(embedding_size=HIDDEN)
+    variables = init(plain, batch)
+    assert jax.tree.map(np.asarray, init(same, batch)).keys() == variables.keys()
+    for a, b in zip(jax.tree.leaves(init(same, batch)), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        apply(same, variables, batch, deterministic=True)["mlm_logits"],
+        apply(plain, variables, batch, deterministic=True)["mlm_logits"],
+    )
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu"])
+def test_feed_forward_and_head_activations(activation, f32_model_and_vars):
+    _, variables = f32_model_and_vars
+    batch = make_batch()
+    params = flat_params(variables)
+    functions = {"relu": lambda x: np.maximum(x, 0), "silu": lambda x: x / (1 + np.exp(-x))}
+    # The head follows model.activation unless mlm_activation names its own.
+    for model, head in (
+        (make_model(use_next_sentence=True, activation=activation), activation),
+        (make_model(use_next_sentence=True, mlm_activation=activation), activation),
+        (
+            make_model(use_next_sentence=True, activation=activation, mlm_activation="gelu_tanh"),
+            "gelu_tanh",
+        ),
+    ):
+        sequence = np.asarray(apply(model, variables, batch, deterministic=True, method="encode"))
+        gathered = np.take_along_axis(sequence, batch["masked_lm_positions"][..., None], 1)
+        hidden = gathered @ params["mlm_head/dense/kernel"] + params["mlm_head/dense/bias"]
+        hidden = functions.get(head, gelu_tanh)(hidden)
+        hidden = layer_norm(
+            hidden, params["mlm_head/layer_norm/scale"], params["mlm_head/layer_norm/bias"]
+        )
+        expected = hidden @ params["encoder/word_embeddings/embedding"].T
+        expected = expected + params["mlm_head/output_bias"]
+        logits = apply(model, variables, batch, deterministic=True)["mlm_logits"]
+        np.testing.assert_allclose(logits, expected, atol=1e-5)
+
+
+def test_initializer_ranges_set_the_truncated_normal_stddevs():
+    model = make_model(
+        hidden_size=128,
+        intermediate_size=512,
+        num_layers=1,
+        use_next_sentence=True,
+        initializer_range=0.05,
+        mlm_initializer_range=0.01,
+    )
+    params = flat_params(init(model, make_batch()))
+    truncated = 0.87962566  # Std of a standard normal cut at +-2.
+    for name, stddev in (
+        ("encoder/layer_0/intermediate/kernel", 0.05),
+        ("encoder/word_embeddings/embedding", 0.05),
+        ("nsp_head/pooler/kernel", 0.05),  # Model Garden: the encoder's initializer.
+        ("mlm_head/dense/kernel", 0.01),
+    ):
+        value = np.asarray(params[name])
+        assert abs(value.std() - stddev * truncated) < 0.06 * stddev, name
+        assert np.abs(value).max() <= 2 * stddev, name

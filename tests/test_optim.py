@@ -1,4 +1,5 @@
-"""Tests for mlm.optim: schedule values, weight-decay mask, AdamW/LAMB updates, clipping, errors."""
+"""Tests for mlm.optim: schedules, weight-decay mask, AdamW/LAMB/SGD/Adafactor updates, clipping,
+errors, EMA, loss scaling."""
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +9,17 @@ import optax
 import pytest
 from flax import traverse_util
 
+from mlm import config as config_lib
 from mlm import loss_scale
 from mlm.errors import ConfigError
-from mlm.optim import create_optimizer, ema_update, learning_rate_schedule, weight_decay_mask
+from mlm.optim import (
+    OPTIMIZER_NAMES,
+    SCHEDULE_NAMES,
+    create_optimizer,
+    ema_update,
+    learning_rate_schedule,
+    weight_decay_mask,
+)
 
 DECAYED_NAMES = [
     "encoder/word_embeddings/embedding",
@@ -197,8 +206,14 @@ def test_lamb_trust_ratio_only_on_decayed_params():
 
 
 def test_unknown_optimizer_name_raises_config_error():
-    with pytest.raises(ConfigError, match="'sgdx'.*adamw, lamb"):
+    with pytest.raises(ConfigError, match="'sgdx'.*adamw, lamb, sgd, adafactor$"):
         create_optimizer(make_config(name="sgdx"), num_steps=10)
+
+
+def test_unknown_schedule_raises_config_error():
+    choices = "polynomial, linear, cosine, constant, inverse_sqrt$"
+    with pytest.raises(ConfigError, match=f"optimizer.schedule='rsqrt' is unknown.*{choices}"):
+        create_optimizer(make_config(schedule="rsqrt"), num_steps=10)
 
 
 @pytest.mark.parametrize("accum", [0, 2.0, True])
@@ -228,3 +243,283 @@ def test_loss_scale_halves_on_overflow_and_doubles_after_growth_steps():
         state = loss_scale.adjust(state, jnp.asarray(finite), growth_steps=3)
         trace.append(float(state.scale))
     assert trace == [8.0, 8.0, 16.0, 8.0, 8.0, 4.0, 2.0, 1.0, 1.0]  # Never below MIN_SCALE.
+
+
+# ---------------------------------------------------------------- defaults as before the choices
+
+
+def schedule_before_choices(config, num_steps):
+    """learning_rate_schedule as it was before optimizer.schedule existed (polynomial only)."""
+    warmup_steps = int(config.warmup_steps)
+    decay = optax.polynomial_schedule(
+        init_value=config.learning_rate,
+        end_value=config.end_learning_rate,
+        power=config.power,
+        transition_steps=num_steps,
+    )
+    if warmup_steps == 0:
+        return decay
+    peak = decay(warmup_steps) if warmup_steps <= num_steps else config.learning_rate
+    warmup = optax.linear_schedule(0.0, peak, transition_steps=warmup_steps)
+    return lambda step: jnp.where(step < warmup_steps, warmup(step), decay(step))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(), dict(power=2.0), dict(warmup_steps=0), dict(warmup_steps=200), dict(warmup_steps=100)],
+)
+def test_default_schedule_is_bit_identical_to_the_polynomial_before(overrides):
+    steps = jnp.arange(160)
+    before = jax.jit(schedule_before_choices(make_config(**overrides), 100))(steps)
+    for config in (make_config(**overrides), make_config(schedule="polynomial", **overrides)):
+        now = jax.jit(learning_rate_schedule(config, 100))(steps)
+        np.testing.assert_array_equal(np.asarray(now), np.asarray(before))
+
+
+def test_default_optimizer_updates_are_bit_identical_to_before():
+    config = config_lib.base_config().optimizer  # adamw, polynomial, clip_norm 1.0
+    config.update(learning_rate=1e-2, warmup_steps=2)
+    before = optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optax.adamw(
+                schedule_before_choices(config, 10),
+                b1=0.9,
+                b2=0.999,
+                eps=1e-6,
+                weight_decay=0.01,
+                mask=weight_decay_mask,
+            ),
+        ),
+        max_consecutive_errors=2**30,
+    )
+    now = create_optimizer(config, num_steps=10)
+    params = small_params()
+    states = [before.init(params), now.init(params)]
+    for seed in range(4):
+        grads = small_grads(seed, scale=3.0)
+        (u_before, states[0]), (u_now, states[1]) = (
+            jax.jit(before.update)(grads, states[0], params),
+            jax.jit(now.update)(grads, states[1], params),
+        )
+        for a, b in zip(jax.tree.leaves(u_now), jax.tree.leaves(u_before), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        params = optax.apply_updates(params, u_now)
+
+
+# -------------------------------------------------------------------------------- schedules
+
+LR, END, W, N = 1e-3, 1e-5, 10, 100
+
+
+def cosine_formula(t):
+    done = min(max((t - W) / (N - W), 0.0), 1.0)
+    return END + (LR - END) * 0.5 * (1 + np.cos(np.pi * done))
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        # Warmup ramps to the schedule's rate at W (LR for all but linear and polynomial).
+        ("cosine", {0: 0.0, 5: LR / 2, 10: LR, 55: (LR + END) / 2, 100: END, 150: END}),
+        ("cosine", {t: cosine_formula(t) for t in (10, 20, 37, 64, 99)}),
+        # linear ignores `power` (2 here): polynomial with power 1.
+        ("linear", {0: 0.0, 5: 4.505e-4, 10: 9.01e-4, 50: 5.05e-4, 100: END, 150: END}),
+        ("constant", {0: 0.0, 5: LR / 2, 10: LR, 50: LR, 100: LR, 150: LR}),
+        # lr * sqrt(W / max(t, W)).
+        ("inverse_sqrt", {0: 0.0, 5: LR / 2, 10: LR, 40: LR / 2, 90: LR / 3, 1000: LR / 10}),
+    ],
+)
+def test_schedule_values_match_their_formulas(schedule, expected):
+    config = make_config(schedule=schedule, power=2.0)
+    rates = learning_rate_schedule(config, num_steps=N)
+    jitted = jax.jit(rates)
+    for step, rate in expected.items():
+        np.testing.assert_allclose(float(rates(step)), rate, rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(float(jitted(jnp.int32(step))), rate, rtol=1e-5, atol=1e-12)
+
+
+def test_schedules_match_optax_own():
+    steps = jnp.arange(N + 20)
+
+    def ours(**overrides):
+        return np.asarray(jax.vmap(learning_rate_schedule(make_config(**overrides), N))(steps))
+
+    def theirs(schedule):
+        return np.asarray(jax.vmap(schedule)(steps))
+
+    warmup = optax.linear_schedule(0.0, LR, W)
+    np.testing.assert_allclose(
+        ours(schedule="cosine"),
+        theirs(optax.warmup_cosine_decay_schedule(0.0, LR, W, N, end_value=END)),
+        rtol=1e-5,
+        atol=1e-10,
+    )
+    np.testing.assert_allclose(
+        ours(schedule="cosine", warmup_steps=0),
+        theirs(optax.cosine_decay_schedule(LR, N, alpha=END / LR)),
+        rtol=1e-5,
+        atol=1e-10,
+    )
+    np.testing.assert_array_equal(
+        ours(schedule="linear", warmup_steps=0), theirs(optax.linear_schedule(LR, END, N))
+    )
+    np.testing.assert_array_equal(
+        ours(schedule="linear", power=3.0), ours(schedule="polynomial", power=1.0)
+    )
+    np.testing.assert_array_equal(
+        ours(schedule="polynomial", power=2.0, warmup_steps=0),
+        theirs(optax.polynomial_schedule(LR, END, 2.0, N)),
+    )
+    np.testing.assert_allclose(
+        ours(schedule="constant"),
+        theirs(optax.join_schedules([warmup, optax.constant_schedule(LR)], [W])),
+        rtol=1e-6,
+    )
+    rsqrt = LR * np.sqrt(W / np.maximum(np.asarray(steps), W))
+    np.testing.assert_allclose(ours(schedule="inverse_sqrt")[W:], rsqrt[W:], rtol=1e-6)
+    # No warmup: W is taken as 1, lr / sqrt(max(t, 1)).
+    rsqrt = LR / np.sqrt(np.maximum(np.asarray(steps), 1))
+    np.testing.assert_allclose(ours(schedule="inverse_sqrt", warmup_steps=0), rsqrt, rtol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", SCHEDULE_NAMES)
+def test_a_warmup_longer_than_the_run_ramps_towards_learning_rate(schedule):
+    rates = learning_rate_schedule(make_config(schedule=schedule, warmup_steps=200), num_steps=N)
+    for step in (0, 50, 99):
+        np.testing.assert_allclose(float(rates(step)), LR * step / 200, rtol=1e-5, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ SGD and Adafactor
+
+
+def small_params():
+    rng = np.random.default_rng(0)
+    return {
+        "dense": {
+            "kernel": rng.normal(size=(3, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        },
+        "layer_norm": {"scale": rng.normal(size=(4,)).astype(np.float32)},
+    }
+
+
+def small_grads(seed, scale=1.0):
+    rng = np.random.default_rng(seed + 1)
+    return jax.tree.map(
+        lambda p: (scale * rng.normal(size=p.shape)).astype(np.float32), small_params()
+    )
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_three_steps_match_closed_form(nesterov):
+    lr, wd, mu = 1e-2, 0.1, 0.9
+    config = make_config(
+        name="sgd", learning_rate=lr, warmup_steps=0, weight_decay=wd, momentum=mu,
+        nesterov=nesterov, end_learning_rate=0.0,
+    )  # fmt: skip
+    optimizer = create_optimizer(config, num_steps=10)
+    params = small_params()
+    state = optimizer.init(params)
+    expected = {k: v.astype(np.float64) for k, v in flat(params).items()}
+    trace = {k: 0.0 for k in expected}
+    for t in range(3):
+        grads = small_grads(t)
+        rate = lr * (1 - t / 10)
+        for name, g in flat(grads).items():
+            trace[name] = mu * trace[name] + g
+            direction = g + mu * trace[name] if nesterov else trace[name]
+            decay = wd * expected[name] if name == "dense/kernel" else 0.0
+            expected[name] = expected[name] - rate * (direction + decay)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    for name, value in flat(params).items():
+        np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_sgd_without_weight_decay_is_optax_sgd():
+    config = make_config(name="sgd", weight_decay=0.0, momentum=0.5, nesterov=True)
+    ours = create_optimizer(config, num_steps=100)
+    theirs = optax.sgd(learning_rate_schedule(config, 100), momentum=0.5, nesterov=True)
+    params = small_params()
+    states = [ours.init(params), theirs.init(params)]
+    for t in range(12):  # Through the warmup.
+        grads = small_grads(t)
+        (a, states[0]), (b, states[1]) = (
+            jax.jit(ours.update)(grads, states[0], params),
+            jax.jit(theirs.update)(grads, states[1], params),
+        )
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-9)
+        params = optax.apply_updates(params, a)
+
+
+def test_sgd_momentum_zero_is_plain_gradient_descent():
+    config = make_config(name="sgd", warmup_steps=0, weight_decay=0.0, momentum=0.0)
+    updates = first_updates(config, small_params(), small_grads(0))
+    for name, g in flat(small_grads(0)).items():
+        np.testing.assert_allclose(updates[name], -LR * g, rtol=1e-6)
+
+
+def test_adafactor_is_optax_adafactor_plus_rate_scaled_decoupled_weight_decay():
+    wd = 0.1
+    params = {"dense": {"kernel": np.random.default_rng(0).normal(size=(200, 130))},
+              "layer_norm": {"scale": np.linspace(0.5, 2.0, 130)}}  # fmt: skip
+    params = jax.tree.map(lambda p: p.astype(np.float32), params)
+    grads = jax.tree.map(lambda p: 0.1 * p + 0.05, params)
+    plain = make_config(name="adafactor", weight_decay=0.0, warmup_steps=2)
+    decayed = make_config(name="adafactor", weight_decay=wd, warmup_steps=2)
+    schedule = learning_rate_schedule(plain, 100)
+    reference = optax.adafactor(learning_rate=schedule)
+    ours, ours_decayed = create_optimizer(plain, 100), create_optimizer(decayed, 100)
+    states = [reference.init(params), ours.init(params), ours_decayed.init(params)]
+    for t in range(4):
+        results = [
+            jax.jit(tx.update)(grads, state, params)
+            for tx, state in zip((reference, ours, ours_decayed), states, strict=True)
+        ]
+        states = [state for _, state in results]
+        expected, got, got_decayed = (flat(updates) for updates, _ in results)
+        rate = float(schedule(t))
+        for name in expected:
+            np.testing.assert_allclose(got[name], expected[name], rtol=1e-6, atol=1e-12)
+            decay = rate * wd * flat(params)[name] if name == "dense/kernel" else 0.0
+            np.testing.assert_allclose(
+                got_decayed[name], expected[name] - decay, rtol=1e-5, atol=1e-9
+            )
+        params = optax.apply_updates(params, results[1][0])
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_NAMES)
+def test_clip_norm_applies_to_every_optimizer(name):
+    params = small_params()
+    unit = small_grads(0)
+    norm = float(optax.tree.norm(unit))
+    unit = jax.tree.map(lambda g: g / norm, unit)
+    big = jax.tree.map(lambda g: 50.0 * g, unit)
+    clipped = first_updates(make_config(name=name, warmup_steps=0, clip_norm=1.0), params, big)
+    plain = first_updates(make_config(name=name, warmup_steps=0, clip_norm=0.0), params, unit)
+    for key, value in plain.items():
+        np.testing.assert_allclose(clipped[key], value, rtol=1e-5, atol=1e-9)
+
+
+# ------------------------------------------------------------------------ fixed loss scale
+
+
+def test_a_fixed_loss_scale_never_changes():
+    optimizer = config_lib.base_config().optimizer
+    assert loss_scale.growth_steps(optimizer) == optimizer.loss_scale_growth_steps  # dynamic
+    assert loss_scale.initial_scale(optimizer) == optimizer.loss_scale_init
+    optimizer.loss_scale = 128.0
+    assert loss_scale.growth_steps(optimizer) == loss_scale.FIXED
+    assert loss_scale.initial_scale(optimizer) == 128.0
+    state = loss_scale.initial(128.0)
+    for finite in (True, True, True, False, False, True):
+        finite = jnp.asarray(finite)
+        assert not bool(loss_scale.overflow(state.scale, finite, loss_scale.FIXED))
+        state = loss_scale.adjust(state, finite, loss_scale.FIXED)
+        assert float(state.scale) == 128.0 and int(state.good_steps) == 0
+    # Dynamic: only a non-finite step above the minimum scale is an expected overflow.
+    assert bool(loss_scale.overflow(jnp.float32(2.0), jnp.asarray(False), 3))
+    assert not bool(loss_scale.overflow(jnp.float32(1.0), jnp.asarray(False), 3))
+    assert not bool(loss_scale.overflow(jnp.float32(2.0), jnp.asarray(True), 3))

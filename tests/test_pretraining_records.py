@@ -308,3 +308,34 @@ def test_gzip_files_give_the_same_batches_and_resume_exactly(tmp_path):
     dataset = records.record_rows(source, seq_length=16, max_predictions=4, vocab_size=VOCAB_SIZE)
     with pytest.raises(DataError, match=f"{mixed}.gz record 1: has seq_length 32"):
         dataset[1]
+
+
+def test_use_position_id_reads_the_records_positions_and_checks_them(tmp_path):
+    rng = np.random.default_rng(11)
+    rows = [make_row(rng) for _ in range(2)]
+    rows[0]["position_ids"] = np.array([*range(8), *range(8)], np.int32)  # Two packed segments.
+    rows[1]["position_ids"] = np.full(16, 40, np.int32)
+    path = write(tmp_path, "positions.tfrecord", rows, position_ids=True)
+    source = TFRecordDataSource([path])
+    spec = records.inspect_records(source)
+    records.check_records_match(
+        spec, seq_length=16, max_predictions=4, files_desc="f", use_position_id=True
+    )
+    options = dict(seq_length=16, max_predictions=4, vocab_size=VOCAB_SIZE)
+    honoured = records.record_rows(source, max_positions=32, **options)
+    np.testing.assert_array_equal(honoured[0]["position_ids"], rows[0]["position_ids"])
+    with pytest.raises(DataError, match=r"record 1: position id 40 is outside \[0, model"):
+        honoured[1]
+    ignored = records.record_rows(source, **options)  # Without data.use_position_id.
+    np.testing.assert_array_equal(ignored[0]["position_ids"], np.arange(16))
+    plain = write(tmp_path, "plain.tfrecord", [make_row(rng)])
+    with pytest.raises(ConfigError, match="the records have no position_ids feature"):
+        records.check_records_match(
+            records.inspect_records(TFRecordDataSource([plain])),
+            seq_length=16,
+            max_predictions=4,
+            files_desc="f",
+            use_position_id=True,
+        )
+    with pytest.raises(DataError, match="record 0: data.use_position_id needs 16 int64"):
+        records.record_rows(TFRecordDataSource([plain]), max_positions=32, **options)[0]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mlm import config as config_lib
-from mlm import task
+from mlm import loss_scale, task
 from mlm.optim import create_optimizer, learning_rate_schedule
 
 SEQ, PRED, VOCAB = 16, 4, 50
@@ -330,3 +330,45 @@ def test_float16_overflow_skips_the_step_and_halves_the_scale():
         scales.append(float(state.loss_scale.scale))
     assert scales == [1024.0, 2048.0, 2048.0]
     assert np.isfinite(float(logs["loss"]))
+
+
+def test_float16_fixed_loss_scale_stays_and_its_overflows_count_as_divergence():
+    config = tiny_config()
+    with config.unlocked():
+        config.model.dtype = "float16"
+        config.optimizer.loss_scale = 1024.0
+        config.optimizer.loss_scale_growth_steps = 1  # Unused: a dynamic scale would double.
+    model, tx, state = make_full_state(config)
+    assert float(state.loss_scale.scale) == 1024.0
+    schedule = learning_rate_schedule(config.optimizer, config.train.num_steps)
+    growth_steps = loss_scale.growth_steps(config.optimizer)
+    fixed = jax.jit(
+        functools.partial(
+            task.train_step,
+            model=model,
+            tx=tx,
+            schedule=schedule,
+            loss_scale_growth_steps=growth_steps,
+        )
+    )
+    batch = random_batch(1)
+    after, logs = fixed(state, batch)
+    assert int(logs["skipped_steps"]) == 0 and float(after.loss_scale.scale) == 1024.0
+    # The gradients are the float32 model's, unscaled, within float16's precision.
+    with config.unlocked():
+        config.model.dtype = "float32"
+    model32, _, state32 = make_full_state(config)
+    _, logs32 = jax.jit(
+        functools.partial(task.train_step, model=model32, tx=tx, schedule=schedule)
+    )(state32, batch)
+    np.testing.assert_allclose(float(logs["grad_norm"]), float(logs32["grad_norm"]), rtol=2e-2)
+    after, logs = fixed(after, random_batch(2))
+    assert int(logs["skipped_steps"]) == 0 and float(logs["loss_scale"]) == 1024.0
+    assert float(after.loss_scale.scale) == 1024.0
+    # An overflow at a fixed scale is skipped and counted by the divergence guard.
+    big = after.replace(loss_scale=after.loss_scale.replace(scale=jnp.float32(2.0**20)))
+    over, logs = fixed(big, batch)
+    assert int(logs["skipped_steps"]) == 1 and int(logs["consecutive_skips"]) == 1
+    assert float(over.loss_scale.scale) == 2.0**20
+    for a, b in zip(jax.tree.leaves(over.params), jax.tree.leaves(big.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

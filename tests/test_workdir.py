@@ -90,6 +90,23 @@ def test_without_config_json_the_steps_own_config_is_the_runs(tmp_path):
     )
 
 
+def test_a_run_written_before_a_model_field_existed_had_its_default(tmp_path):
+    old = config_lib.validate(config_lib.sized_config("tiny")).to_dict()
+    for field in ("norm_first", "embedding_size", "initializer_range", "mlm_activation"):
+        del old["model"][field]
+    write_step(str(tmp_path), 4)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    same = config_lib.validate(config_lib.sized_config("tiny"))
+    assert workdir.check_consistent(same, str(tmp_path))  # Defaults: today's model.
+    assert workdir.read_config(str(tmp_path)).model.norm_first is False
+    pre_ln = config_lib.sized_config("tiny")
+    pre_ln.model.norm_first = True
+    with pytest.raises(
+        WorkdirError, match=r"holds a run with model\.norm_first=False, this config has True"
+    ):
+        workdir.check_consistent(config_lib.validate(pre_ln), str(tmp_path))
+
+
 def test_no_checkpoint_means_no_run_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": {"hidden_size": 1}}))
     assert workdir.run_config(str(tmp_path)) is None

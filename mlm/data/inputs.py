@@ -28,6 +28,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mlm import heads
 from mlm.config import DATA_SOURCE_FIELDS
 from mlm.data.builtin_corpus import write_builtin_corpus
 from mlm.data.corpus import expand_globs
@@ -500,6 +501,7 @@ def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) 
 
     data = config.data
     vocab = workdir_vocab(config, workdir, list) if data.vocab_file else None
+    head_labels = heads.record_labels(config.model.cls_heads)
 
     def rows(field: str):
         source = TFRecordDataSource(expand_globs(data[field], f"data.{field}"))
@@ -509,12 +511,16 @@ def _record_inputs(config, workdir, need_train, need_eval, shards: InputShards) 
             max_predictions=data.max_predictions_per_seq,
             files_desc=f"data.{field}",
             use_next_sentence_label=data.use_next_sentence_label,
+            use_position_id=data.use_position_id,
+            labels=[feature for feature, _ in head_labels],
         )
         return record_rows(
             source,
             seq_length=data.seq_length,
             max_predictions=data.max_predictions_per_seq,
             vocab_size=config.model.vocab_size,
+            max_positions=(config.model.max_position_embeddings if data.use_position_id else None),
+            labels=head_labels,
         )
 
     train = None

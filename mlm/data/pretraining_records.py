@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import grain
@@ -29,6 +29,7 @@ from mlm.errors import ConfigError, DataError
 WORD_IDS, TYPE_IDS, INPUT_MASK = "input_ids", "segment_ids", "input_mask"
 POSITIONS, MASKED_IDS, WEIGHTS = "masked_lm_positions", "masked_lm_ids", "masked_lm_weights"
 NSP_LABELS = "next_sentence_labels"
+POSITION_IDS = "position_ids"  # Optional; read with data.use_position_id (Model Garden's name).
 V2_NAMES = {WORD_IDS: "input_word_ids", TYPE_IDS: "input_type_ids"}
 _SEQUENCE_FEATURES = (WORD_IDS, INPUT_MASK, TYPE_IDS)
 _PREDICTION_FEATURES = (POSITIONS, MASKED_IDS, WEIGHTS)
@@ -64,7 +65,13 @@ def _example_proto() -> Any:
     return example_pb2.Example
 
 
-def serialize_example(row: Mapping[str, Any], *, v2_feature_names: bool = False) -> bytes:
+def serialize_example(
+    row: Mapping[str, Any],
+    *,
+    v2_feature_names: bool = False,
+    position_ids: bool = False,
+    labels: Sequence[str] = (),
+) -> bytes:
     """Serializes one instance as a BERT pretraining `tf.train.Example`.
 
     Args:
@@ -73,6 +80,9 @@ def serialize_example(row: Mapping[str, Any], *, v2_feature_names: bool = False)
         names `input_ids` / `segment_ids` are accepted too. Other keys are ignored.
       v2_feature_names: write `input_word_ids` / `input_type_ids` instead of `input_ids` /
         `segment_ids`.
+      position_ids: also write the row's `position_ids` (read with data.use_position_id).
+      labels: row keys written as one int64 each, e.g. `NAME_labels` of a classification
+        head (`model.cls_heads`).
 
     Returns:
       The serialized proto (map keys sorted, so equal rows give equal bytes).
@@ -94,6 +104,11 @@ def serialize_example(row: Mapping[str, Any], *, v2_feature_names: bool = False)
             raise KeyError(f"row has none of {aliases}")
         key = V2_NAMES.get(name, name) if v2_feature_names else name
         features[key].int64_list.value.extend(np.asarray(value, np.int64).reshape(-1).tolist())
+    if position_ids:
+        values = np.asarray(row[POSITION_IDS], np.int64).reshape(-1).tolist()
+        features[POSITION_IDS].int64_list.value.extend(values)
+    for name in labels:
+        features[name].int64_list.value.append(int(np.asarray(row[name])))
     weights = np.asarray(row[WEIGHTS], np.float32).reshape(-1).tolist()
     features[WEIGHTS].float_list.value.extend(weights)
     return example.SerializeToString(deterministic=True)
@@ -247,6 +262,8 @@ def check_records_match(
     max_predictions: int,
     files_desc: str,
     use_next_sentence_label: bool | None = None,
+    use_position_id: bool = False,
+    labels: Sequence[str] = (),
 ) -> None:
     """Checks that records fit the configured shapes.
 
@@ -257,6 +274,8 @@ def check_records_match(
       files_desc: what the files are, leading the message (e.g. "data.tfrecord_files").
       use_next_sentence_label: data.use_next_sentence_label; when True the records must hold
         next_sentence_labels. None skips that check.
+      use_position_id: data.use_position_id; when True the records must hold position_ids.
+      labels: label features the records must hold (`NAME_labels` of `model.cls_heads`).
 
     Raises:
       ConfigError: a one-line message naming both values and the fix.
@@ -281,6 +300,19 @@ def check_records_match(
             "data.use_next_sentence_label is True; set "
             "--config.data.use_next_sentence_label=False or use records with NSP labels"
         )
+    if use_position_id and POSITION_IDS not in spec.feature_names:
+        raise ConfigError(
+            f"{files_desc}: the records have no position_ids feature but "
+            "data.use_position_id is True; set --config.data.use_position_id=False (positions "
+            "0..S-1) or use records that carry position_ids"
+        )
+    for name in labels:
+        if name not in spec.feature_names:
+            raise ConfigError(
+                f"{files_desc}: the records have no {name} feature, which model.cls_heads "
+                f"head '{name[: -len('_labels')]}' trains on; write it into the records or drop "
+                "the head"
+            )
 
 
 # ------------------------------------------------------------------------------- reading
@@ -295,6 +327,8 @@ class _RecordToRow:
     seq_length: int
     max_predictions: int
     vocab_size: int
+    max_positions: int | None = None  # Read the records' position_ids, each below this.
+    labels: tuple[tuple[str, int], ...] = ()  # (feature, num_classes) of model.cls_heads.
 
     def where(self, index: int) -> str:
         file_index = int(np.searchsorted(self.starts, index, side="right")) - 1
@@ -302,8 +336,13 @@ class _RecordToRow:
 
     def __call__(self, index: int, data: bytes) -> dict[str, np.ndarray]:
         try:
-            record = _canonical(_decode_features(data))
+            features = _decode_features(data)
+            record = _canonical(features)
             self._check(record)
+            positions = self._positions(features)
+            head_labels = {
+                name: self._label(features, name, num_classes) for name, num_classes in self.labels
+            }
         except _BadRecordError as error:
             raise DataError(f"{self.where(index)}: {error}") from None
         input_mask = record[INPUT_MASK].astype(np.int32)
@@ -312,12 +351,48 @@ class _RecordToRow:
             "input_mask": input_mask,
             "input_type_ids": record[TYPE_IDS].astype(np.int32),
             "packed_segment_ids": input_mask.copy(),
-            "position_ids": np.arange(self.seq_length, dtype=np.int32),
+            "position_ids": positions,
             "masked_lm_positions": record[POSITIONS].astype(np.int32),
             "masked_lm_ids": record[MASKED_IDS].astype(np.int32),
             "masked_lm_weights": record[WEIGHTS],
             "next_sentence_labels": np.int32(record[NSP_LABELS][0]),
+            **head_labels,
         }
+
+    @staticmethod
+    def _label(features: dict[str, np.ndarray], name: str, num_classes: int) -> np.int32:
+        """A classification head's label: one int64 in [0, num_classes)."""
+        value = features.get(name)
+        if value is None or value.dtype != np.int64 or value.shape != (1,):
+            got = "none" if value is None else f"{len(value)} {value.dtype} values"
+            raise _BadRecordError(
+                f"model.cls_heads needs one int64 {name}, got {got}; write it into every record"
+            )
+        if not 0 <= value[0] < num_classes:
+            raise _BadRecordError(
+                f"{name} {int(value[0])} is outside [0, num_classes={num_classes}); fix the "
+                "records or the head's num_classes"
+            )
+        return np.int32(value[0])
+
+    def _positions(self, features: dict[str, np.ndarray]) -> np.ndarray:
+        """The row's position ids: the record's (data.use_position_id), else 0..S-1."""
+        if self.max_positions is None:
+            return np.arange(self.seq_length, dtype=np.int32)
+        positions = features.get(POSITION_IDS)
+        if positions is None or positions.dtype != np.int64 or len(positions) != self.seq_length:
+            got = "none" if positions is None else f"{len(positions)} {positions.dtype} values"
+            raise _BadRecordError(
+                f"data.use_position_id needs {self.seq_length} int64 position_ids, got {got}; "
+                "write position_ids into every record or set data.use_position_id=False"
+            )
+        if positions.size and (positions.min() < 0 or positions.max() >= self.max_positions):
+            raise _BadRecordError(
+                f"position id {int(positions.max() if positions.min() >= 0 else positions.min())}"
+                f" is outside [0, model.max_position_embeddings={self.max_positions}); raise "
+                "model.max_position_embeddings or fix the records"
+            )
+        return positions.astype(np.int32)
 
     def _check(self, record: dict[str, np.ndarray]) -> None:
         seq_length, max_predictions = len(record[WORD_IDS]), len(record[POSITIONS])
@@ -349,7 +424,13 @@ class _RecordToRow:
 
 
 def record_rows(
-    source: TFRecordDataSource, *, seq_length: int, max_predictions: int, vocab_size: int
+    source: TFRecordDataSource,
+    *,
+    seq_length: int,
+    max_predictions: int,
+    vocab_size: int,
+    max_positions: int | None = None,
+    labels: Sequence[tuple[str, int]] = (),
 ) -> grain.MapDataset:
     """Reads BERT pretraining records as batch rows.
 
@@ -358,10 +439,14 @@ def record_rows(
       seq_length: S, which every record must have (data.seq_length).
       max_predictions: P, which every record must have (data.max_predictions_per_seq).
       vocab_size: model.vocab_size; every id of input_ids and masked_lm_ids must be below it.
+      max_positions: with data.use_position_id, model.max_position_embeddings: the records'
+        own `position_ids` are read, and each must be below it. None: positions 0..S-1.
+      labels: (feature, num_classes) of the `model.cls_heads` heads other than next_sentence
+        (`mlm.heads.record_labels`): each record's one int64 label, read as an int32 scalar.
 
     Returns:
       A `grain.MapDataset` with one row per record: int32 `input_word_ids`, `input_mask`,
-      `input_type_ids`, `packed_segment_ids` (= input_mask), `position_ids` (arange) [S],
+      `input_type_ids`, `packed_segment_ids` (= input_mask), `position_ids` [S],
       int32 `masked_lm_positions`, `masked_lm_ids` and float32 `masked_lm_weights` [P], int32
       scalar `next_sentence_labels`. Reading a bad record raises DataError naming its file and
       number.
@@ -373,6 +458,8 @@ def record_rows(
         seq_length=seq_length,
         max_predictions=max_predictions,
         vocab_size=vocab_size,
+        max_positions=max_positions,
+        labels=tuple(labels),
     )
     return grain.MapDataset.source(source).map_with_index(to_row)
 
@@ -435,7 +522,12 @@ class RecordWriter:
 
 
 def write_records(
-    path: str, rows: Iterable[Mapping[str, Any]], *, v2_feature_names: bool = False
+    path: str,
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    v2_feature_names: bool = False,
+    position_ids: bool = False,
+    labels: Sequence[str] = (),
 ) -> int:
     """Writes rows as BERT pretraining records, atomically (via `path + '.tmp'`).
 
@@ -443,12 +535,18 @@ def write_records(
       path: the TFRecord file to write.
       rows: batch rows (see `serialize_example`).
       v2_feature_names: use Model Garden's v2 feature names.
+      position_ids: also write each row's `position_ids`.
+      labels: row keys written as one int64 each (`serialize_example`).
 
     Returns:
       The number of records written.
     """
     with RecordWriter(path) as writer:
         for row in rows:
-            writer.write(serialize_example(row, v2_feature_names=v2_feature_names))
+            writer.write(
+                serialize_example(
+                    row, v2_feature_names=v2_feature_names, position_ids=position_ids, labels=labels
+                )
+            )
         writer.commit()
     return writer.count

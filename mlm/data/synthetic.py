@@ -19,6 +19,7 @@ import grain
 import ml_collections
 import numpy as np
 
+from mlm import heads
 from mlm.errors import ConfigError
 
 # Fraction of real (non-pad) tokens in a synthetic row: what the packer achieves on the
@@ -142,9 +143,12 @@ def synthetic_dataset(
     data = config.data
     seed = (config.train.seed, _STREAMS[train], shard_index)
 
+    labels = heads.record_labels(config.model.cls_heads)
+
     def batch(index: int) -> dict[str, np.ndarray]:
-        return synthetic_batch(
-            np.random.default_rng((*seed, int(index))),
+        rng = np.random.default_rng((*seed, int(index)))
+        drawn = synthetic_batch(
+            rng,
             batch_size,
             data.seq_length,
             data.max_predictions_per_seq,
@@ -153,6 +157,9 @@ def synthetic_dataset(
             data.masking_rate,
             data.use_next_sentence_label,
         )
+        for key, num_classes in labels:  # Classification heads' labels (model.cls_heads).
+            drawn[key] = rng.integers(0, num_classes, batch_size).astype(np.int32)
+        return drawn
 
     length = sys.maxsize if train else eval_batches(config)
     return grain.MapDataset.range(length).map(batch).to_iter_dataset(_READ_OPTIONS)

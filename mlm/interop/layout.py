@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from mlm import heads
 from mlm.errors import DataError
 
 # How a tensor's Hugging Face layout becomes mlm's.
@@ -67,10 +68,16 @@ HF_ACTIVATIONS = {
     "gelu_new": "gelu_tanh",
     "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+    "silu": "silu",
+    "swish": "silu",
 }
-TF_BERT_ACTIVATIONS = {"gelu": "gelu_tanh"}
+TF_BERT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 # model.activation -> the hidden_act Hugging Face computes the same function with.
-TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new"}
+TO_HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
+# Model fields Hugging Face's BertModel has no counterpart for, with the value it computes;
+# a model with another value does not export.
+_NOT_IN_HF_BERT = {"norm_first": False, "embedding_size": 0}
 
 
 def model_fields(
@@ -108,6 +115,12 @@ def model_fields(
             f"{', '.join(sorted(activations))} convert"
         )
     fields["activation"] = activations[act]
+    fields["mlm_activation"] = ""  # BERT's head uses hidden_act too.
+    stddev = bert_config.get("initializer_range", 0.02)
+    if not _is_number(stddev) or not stddev > 0:
+        raise DataError(f"{where}: initializer_range is {stddev!r}; it must be a positive number")
+    # Both heads and the encoder are initialised with it (fine-tuning new weights).
+    fields["initializer_range"] = fields["mlm_initializer_range"] = float(stddev)
     epsilon = bert_config.get("layer_norm_eps", LAYER_NORM_EPSILON)
     if not _is_number(epsilon):
         raise DataError(
@@ -154,26 +167,66 @@ def _check_sizes(bert_config: Mapping[str, Any], where: str) -> None:
         )
 
 
+def check_exportable(fields: Mapping[str, Any]) -> None:
+    """Refuses a model Hugging Face's BERT does not compute, naming the field.
+
+    Args:
+      fields: `config.model` as a dict (a field it lacks has its default).
+
+    Raises:
+      DataError: pre-LN blocks, factorised embeddings, a masked-LM head activation other than
+        the feed-forward one (Hugging Face's head uses hidden_act), or a `model.cls_heads` head
+        other than BERT's next-sentence one (Hugging Face's pooler and `cls.seq_relationship`).
+    """
+    for name, value in _NOT_IN_HF_BERT.items():
+        if fields.get(name, value) != value:
+            raise DataError(
+                f"model.{name}={fields[name]!r} has no Hugging Face BERT counterpart (its "
+                f"BertModel computes {name}={value!r}); only standard BERT models export"
+            )
+    head = fields.get("mlm_activation", "")
+    if head and head != fields["activation"]:
+        raise DataError(
+            f"model.mlm_activation={head!r} differs from model.activation="
+            f"{fields['activation']!r}; Hugging Face's BERT head uses hidden_act for both"
+        )
+    for head in heads.entries(fields.get("cls_heads", [])):
+        if (
+            head["name"] != heads.NEXT_SENTENCE
+            or head["num_classes"] != 2
+            or head["inner_dim"] not in (0, fields["hidden_size"])
+            or head["activation"] != "tanh"
+            or head["cls_token_idx"] != 0
+        ):
+            raise DataError(
+                f"model.cls_heads head '{head['name']}' has no Hugging Face BERT counterpart "
+                "(only next_sentence with num_classes 2, inner_dim hidden_size, tanh and "
+                "cls_token_idx 0 exports, as cls.seq_relationship); only standard BERT models "
+                "export"
+            )
+
+
 def hf_bert_config(
     fields: Mapping[str, Any], next_sentence: bool, pad_token_id: int
 ) -> dict[str, Any]:
     """Writes mlm's model fields as a Hugging Face BertConfig dict (config.json).
 
     Args:
-      fields: `config.model` as a dict.
+      fields: `config.model` as a dict (`check_exportable`).
       next_sentence: the model has the next-sentence head (architecture BertForPreTraining).
       pad_token_id: the vocab's [PAD] id.
 
     Returns:
       The config.json content.
     """
+    check_exportable(fields)
     config = {theirs: fields[ours] for theirs, ours in _MODEL_FIELDS.items()}
     config.update(
         architectures=["BertForPreTraining" if next_sentence else "BertForMaskedLM"],
         model_type="bert",
         hidden_act=TO_HF_ACTIVATION[fields["activation"]],
         layer_norm_eps=LAYER_NORM_EPSILON,
-        initializer_range=0.02,
+        initializer_range=fields.get("initializer_range", 0.02),
         position_embedding_type="absolute",
         pad_token_id=pad_token_id,
         tie_word_embeddings=True,

@@ -80,7 +80,7 @@ class KernelSet:
         return cpu.kernel_dot_general if self.name == "cpu" else jax.lax.dot_general
 
     def vocab_logits(self, x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
-        """float32 [M, V] logits of x [M, H] against the tied table [V, H]."""
+        """float32 [M, V] logits of x [M, E] against the tied table [V, E] (E: embedding width)."""
         if self.name == "cpu":
             return cpu.tied_vocab_logits(x, word_embeddings)
         return standard.vocab_logits(x, word_embeddings)

@@ -120,13 +120,13 @@ def tied_vocab_logits(x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     """float32 logits `x @ word_embeddings^T`, with an embedding gradient XLA:CPU runs fast.
 
     The product is `_matmul` with the transposed table as its kernel, so the embedding gradient
-    is computed as (x^T @ grad)^T: [H, V], then transposed. JAX's own transpose rule computes
-    grad^T @ x, for which XLA:CPU first transposes the whole [M, V] logit gradient; the [H, V]
-    result is smaller by M / H.
+    is computed as (x^T @ grad)^T: [E, V], then transposed. JAX's own transpose rule computes
+    grad^T @ x, for which XLA:CPU first transposes the whole [M, V] logit gradient; the [E, V]
+    result is smaller by M / E.
 
     Args:
-      x: [M, H] in the compute dtype.
-      word_embeddings: [V, H] (float32 params), cast to the compute dtype for the products.
+      x: [M, E] in the compute dtype (E: the embedding width, `model.embedding_size`).
+      word_embeddings: [V, E] (float32 params), cast to the compute dtype for the products.
 
     Returns:
       float32 [M, V]. The gradients are those of the plain product, in the compute dtype.

@@ -106,8 +106,8 @@ def vocab_logits(x: jax.Array, word_embeddings: jax.Array) -> jax.Array:
     """float32 logits `x @ word_embeddings^T`, the table cast to the compute dtype.
 
     Args:
-      x: [M, H] in the compute dtype.
-      word_embeddings: [V, H] float32 params.
+      x: [M, E] in the compute dtype (E: the embedding width, `model.embedding_size`).
+      word_embeddings: [V, E] float32 params.
 
     Returns:
       float32 [M, V].
