@@ -3,7 +3,9 @@
 The blocks are post-LN, as original BERT, or pre-LN with `norm_first` (Model Garden's
 `TransformerEncoderBlock(norm_first=True)`); the word embeddings may be narrower than the hidden
 size (`embedding_size`, Model Garden's `embedding_width`), projected up by a dense layer and tied
-to the masked-LM output through a head that projects back down to that width.
+to the masked-LM output through a head that projects back down to that width. With
+`num_hidden_groups` G the layers share G blocks of parameters (ALBERT's cross-layer sharing):
+factorised embeddings plus sharing is ALBERT, whose sentence-order head is the next-sentence head.
 
 Parameters are always float32; `dtype` only sets the compute dtype of the matmuls. LayerNorms
 compute and return float32, so the residual stream stays float32; logits are returned as float32.
@@ -218,6 +220,11 @@ class Encoder(nn.Module):
     maps them to H. With `norm_first` the blocks are pre-LN; as in Model Garden's
     `BertEncoderV2`, the embeddings keep their LayerNorm and the last block's output is returned
     as it is (the masked-LM head normalises its own input).
+
+    With `num_hidden_groups` G > 0 (ALBERT's cross-layer sharing, `num_layers` divisible by G)
+    there are G blocks `layer_0` .. `layer_{G-1}` and layer i applies block i // (num_layers / G),
+    as Hugging Face's `AlbertTransformer` (inner_group_num 1). With 0 each layer has its own
+    block, the parameters of G = num_layers.
     """
 
     vocab_size: int
@@ -237,8 +244,15 @@ class Encoder(nn.Module):
     initializer_range: float = INITIALIZER_STDDEV
     kernels: KernelSet = KernelSet()
     row_sharding: jax.sharding.Sharding | None = None
+    num_hidden_groups: int = 0  # 0: one block per layer (no sharing).
 
     def setup(self) -> None:
+        groups = self.num_hidden_groups
+        if groups < 0 or (groups and self.num_layers % groups):
+            raise ValueError(
+                f"model.albert.num_hidden_groups ({groups}) must be 0 or divide model.num_layers "
+                f"({self.num_layers}); change one of them"
+            )
         width = self.embedding_size or self.hidden_size
         embed = functools.partial(
             nn.Embed, features=width, embedding_init=truncated_normal(self.initializer_range)
@@ -277,7 +291,7 @@ class Encoder(nn.Module):
                 row_sharding=self.row_sharding,
                 name=f"layer_{i}",
             )
-            for i in range(self.num_layers)
+            for i in range(self.num_hidden_groups or self.num_layers)
         ]
 
     def __call__(
@@ -316,8 +330,8 @@ class Encoder(nn.Module):
             x = self.embedding_projection(x).astype(jnp.float32)
         x = constrain_rows(x, self.row_sharding)
         mask = attention_mask(segment_ids)
-        for layer in self.layers:
-            x = layer(x, mask, deterministic)
+        for i in range(self.num_layers):  # Layer i applies block floor(i / (L / G)).
+            x = self.layers[i * len(self.layers) // self.num_layers](x, mask, deterministic)
         return x
 
 
@@ -439,6 +453,8 @@ class BertForPreTraining(nn.Module):
     initializer_range: float = INITIALIZER_STDDEV
     mlm_activation: str = ""
     mlm_initializer_range: float = INITIALIZER_STDDEV
+    # ALBERT's cross-layer sharing: the layers share this many blocks (0: none; `Encoder`).
+    num_hidden_groups: int = 0
     # The backend kernels (`mlm.kernels.select`); None: `model.kernels=auto` for the default
     # devices (`task.build_model` passes the set for the mesh the step is compiled for).
     kernels: KernelSet | None = None
@@ -471,6 +487,7 @@ class BertForPreTraining(nn.Module):
             initializer_range=self.initializer_range,
             kernels=kernel_set,
             row_sharding=self.row_sharding,
+            num_hidden_groups=self.num_hidden_groups,
         )
         self.mlm_head = MaskedLMHead(
             self.vocab_size,
