@@ -25,6 +25,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 # model.remat: per-block activation recomputation (mlm.model.REMAT_POLICIES).
 REMAT_MODES = ("none", "full", "dots")
+# model.encoder: the encoder architecture (mlm.task.build_model); each but BERT has its fields
+# in the section of its name (model.albert, model.modernbert).
+ENCODERS = ("bert", "albert", "modernbert")
 # model.kernels (mlm.kernels.SETTINGS; kept here so the schema imports no JAX).
 KERNEL_SETTINGS = ("auto", "cpu", "standard")
 # optimizer.name (Model Garden's optimizer.type) and optimizer.schedule (its learning_rate.type).
@@ -66,6 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         dict(
+            # The encoder: "bert" (BERT / Model Garden's BertEncoderV2), "albert" (factorised
+            # embeddings of model.embedding_size, layers shared in model.albert groups) or
+            # "modernbert" (Hugging Face's ModernBERT: rotary positions, GeGLU, pre-LN without
+            # biases, alternating local and global attention; fields in model.modernbert).
+            encoder="bert",
             vocab_size=30522,
             hidden_size=768,
             num_layers=12,
@@ -104,6 +112,23 @@ def base_config() -> ml_collections.ConfigDict:
             # trains on next_sentence_labels; another head NAME on the TFRecord feature
             # NAME_labels. Empty: the next-sentence head alone when data.use_next_sentence_label.
             cls_heads=[],
+            # ALBERT (model.encoder="albert"; Hugging Face's AlbertConfig names): the layers
+            # share num_hidden_groups parameter sets, layer i using set i * groups // num_layers.
+            albert=ml_collections.ConfigDict(dict(num_hidden_groups=1)),
+            # ModernBERT (model.encoder="modernbert"; Hugging Face's ModernBertConfig names):
+            # layer i attends globally iff i % global_attn_every_n_layers == 0, the others
+            # within a window of local_attention tokens (local_attention // 2 each side); the
+            # rotary bases of global and local layers; the LayerNorm epsilon. intermediate_size
+            # is the GeGLU width.
+            modernbert=ml_collections.ConfigDict(
+                dict(
+                    global_attn_every_n_layers=3,
+                    local_attention=128,
+                    global_rope_theta=160000.0,
+                    local_rope_theta=10000.0,
+                    norm_eps=1e-5,
+                )
+            ),
         )
     )
     config.data = ml_collections.ConfigDict(
@@ -343,9 +368,48 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_encoder(model: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError for `model.encoder` and its section's values that cannot work."""
+    _require(
+        model.encoder in ENCODERS,
+        f"model.encoder must be one of {', '.join(ENCODERS)}, got '{model.encoder}'",
+    )
+    groups = model.albert.num_hidden_groups
+    _require(
+        groups >= 1 and model.num_layers % groups == 0,
+        f"model.albert.num_hidden_groups ({groups}) must be >= 1 and divide model.num_layers "
+        f"({model.num_layers})",
+    )
+    _require(
+        model.encoder != "albert" or not model.norm_first,
+        "model.norm_first is set but ALBERT's blocks are post-LN; clear model.norm_first",
+    )
+    modern = model.modernbert
+    _require(
+        modern.global_attn_every_n_layers >= 1,
+        "model.modernbert.global_attn_every_n_layers must be >= 1, got "
+        f"{modern.global_attn_every_n_layers}",
+    )
+    _require(
+        modern.local_attention >= 2 and modern.local_attention % 2 == 0,
+        "model.modernbert.local_attention must be an even number >= 2 (the window spans "
+        f"local_attention // 2 tokens each side), got {modern.local_attention}",
+    )
+    for name in ("global_rope_theta", "local_rope_theta", "norm_eps"):
+        _require(modern[name] > 0, f"model.modernbert.{name} must be positive, got {modern[name]}")
+    if model.encoder == "modernbert":
+        for name, value in (("norm_first", False), ("embedding_size", 0)):
+            _require(
+                model[name] == value,
+                f"model.{name} is set but ModernBERT has no such option (its blocks are pre-LN, "
+                f"its embeddings hidden_size wide); clear model.{name}",
+            )
+
+
 def _check_values(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for values that are of the right type but cannot work."""
     model, data, train, opt = config.model, config.data, config.train, config.optimizer
+    _check_encoder(model)
     for name in (
         "vocab_size",
         "hidden_size",
@@ -659,9 +723,12 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for name, value in leaves(config).items():
         if type(schema[name]) is float and isinstance(value, int):
             value = _int_to_float(name, value)
-            section, field = name.split(".")
+            *path, field = name.split(".")
+            section = config
+            for key in path:
+                section = section[key]
             with config.unlocked():
-                config[section][field] = value
+                section[field] = value
         check_number(name, value)
     _check_values(config)
     config.lock()
@@ -700,6 +767,29 @@ def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
 
 
+def _read_subsection(section: ml_collections.ConfigDict, name: str, fields: Any) -> None:
+    """Sets a nested section's fields (e.g. model.modernbert) from config.json's object."""
+    if not isinstance(fields, dict):
+        raise ConfigError(
+            f"config.json: '{name}' must be an object of fields, got {fields!r}; fix config.json"
+        )
+    for field, value in fields.items():
+        if isinstance(section.get(field), float) and isinstance(value, int):
+            if isinstance(value, bool):
+                raise ConfigError(
+                    f"config field '{name}.{field}' must be float, got {value!r}; fix config.json"
+                )
+            value = _int_to_float(f"{name}.{field}", value)
+        try:
+            with section.unlocked():
+                section[field] = value
+        except TypeError:
+            expected = type(section[field]).__name__
+            raise ConfigError(
+                f"config field '{name}.{field}' must be {expected}, got {value!r}; fix config.json"
+            ) from None
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
     """Reads a config written by `to_json`, validating it against the current schema.
 
@@ -727,6 +817,9 @@ def from_json(text: str) -> ml_collections.ConfigDict:
                 "fix config.json"
             )
         for field, value in fields.items():
+            if isinstance(config[section].get(field), ml_collections.ConfigDict):
+                _read_subsection(config[section][field], f"{section}.{field}", value)
+                continue
             if field in config[section] and isinstance(config[section][field], float):
                 if isinstance(value, bool):  # ml_collections would take True as 1.0.
                     raise ConfigError(

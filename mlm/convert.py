@@ -1,4 +1,4 @@
-"""Convert BERT checkpoints to and from mlm workdirs: `python -m mlm.convert`.
+"""Convert BERT, ALBERT and ModernBERT checkpoints to and from mlm workdirs (`mlm.convert`).
 
 Run:
   python -m mlm.convert --from hf --input bert-base-uncased/ --output runs/bert_base_uncased
@@ -7,11 +7,14 @@ Run:
   python -m mlm.convert --to hf --input runs/my_run --output exported/my_bert
 
 `--from` writes an mlm workdir (config.json, vocab.txt, checkpoints/0) that `mlm.fill_mask`,
-`mlm.train --mode eval` and `train.init_checkpoint` accept; `--to hf` writes a directory that
-`transformers.BertForMaskedLM` (or `BertForPreTraining`, with the next-sentence head) and
-`AutoTokenizer` load with `from_pretrained`. Weights move by transpose and reshape only, so a
-round trip gives back every tensor bit for bit. The output is written to a temporary sibling
-directory and renamed into place when complete; an existing non-empty output is refused.
+`mlm.train --mode eval` and `train.init_checkpoint` accept; `--from hf` reads BERT, ALBERT and
+ModernBERT directories (config.json's model_type) with a WordPiece vocab. `--to hf` writes, by
+`model.encoder`, a directory that `transformers.BertForMaskedLM` (`BertForPreTraining` with the
+next-sentence head), `AlbertForMaskedLM` (`AlbertForPreTraining` with the sentence-order head)
+or `ModernBertForMaskedLM` and `AutoTokenizer` load with `from_pretrained`. Weights move by
+transpose and reshape only, so a round trip gives back every tensor bit for bit. The output is
+written to a temporary sibling directory and renamed into place when complete; an existing
+non-empty output is refused.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from mlm import workdir as workdir_lib
 from mlm.data.tokenizer import load_vocab, read_vocab_text, vocab_tokens
 from mlm.errors import ConfigError, DataError, MlmError
 from mlm.experiment import Experiment
-from mlm.interop import hf, layout, tf_bert
+from mlm.interop import albert_layout, hf, layout, modernbert_layout, tf_bert
 from mlm.paths import CONFIG_FILENAME, VOCAB_FILENAME, write_text_atomically
 
 if TYPE_CHECKING:
@@ -112,7 +115,8 @@ def mlm_config(
     """The config of a converted workdir: the defaults, with the checkpoint's model fields.
 
     Args:
-      fields: `layout.model_fields` (checked there).
+      fields: `model_fields` of the checkpoint's layout (checked there); a section's fields
+        (`albert`, `modernbert`) as a dict.
       next_sentence: the model has the next-sentence head.
       lowercase: the vocab is uncased.
       where: the BERT config file, for messages.
@@ -126,7 +130,12 @@ def mlm_config(
     """
     config = config_lib.base_config()
     for name, value in fields.items():
-        config.model[name] = type(config.model[name])(value)
+        if isinstance(value, Mapping):
+            for inner, inner_value in value.items():
+                section = config.model[name]
+                section[inner] = type(section[inner])(inner_value)
+        else:
+            config.model[name] = type(config.model[name])(value)
     config.data.lowercase = lowercase
     config.data.use_next_sentence_label = next_sentence
     config.data.seq_length = min(config.data.seq_length, config.model.max_position_embeddings)
@@ -205,8 +214,34 @@ def _count(params: Any) -> tuple[int, int]:
     return len(leaves), int(sum(np.size(leaf) for leaf in leaves))
 
 
+def _hf_fields(hf_config: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """mlm's model fields from a Hugging Face config.json, by its model_type."""
+    model_type = hf_config.get("model_type")
+    if model_type == "albert":
+        return albert_layout.model_fields(hf_config, where)
+    if model_type == "modernbert":
+        return modernbert_layout.model_fields(hf_config, where)
+    return layout.model_fields(hf_config, layout.HF_ACTIVATIONS, where)
+
+
+def _params_from_hf(
+    tensors: Mapping[str, np.ndarray], fields: Mapping[str, Any], where: str
+) -> tuple[dict[str, Any], list[str]]:
+    """mlm's params tree and the tensors left out, by the fields' encoder."""
+    encoder = fields.get("encoder", "bert")
+    if encoder == "albert":
+        return albert_layout.params_from_hf(tensors, fields, where)
+    if encoder == "modernbert":
+        return modernbert_layout.params_from_hf(tensors, fields, where)
+    return layout.params_from_hf(tensors, fields, where)
+
+
 def from_hf(input_dir: str, output: str, lowercase: bool | None = None) -> Converted:
-    """Converts a Hugging Face BertForMaskedLM / BertForPreTraining directory to an mlm workdir.
+    """Converts a Hugging Face BERT, ALBERT or ModernBERT directory to an mlm workdir.
+
+    BertForMaskedLM / BertForPreTraining, AlbertForMaskedLM / AlbertForPreTraining (the
+    sentence-order head becomes the next-sentence head) and ModernBertForMaskedLM convert,
+    chosen by config.json's model_type; the tokenizer must be WordPiece.
 
     Args:
       input_dir: holds config.json, model.safetensors (or pytorch_model.bin) and vocab.txt (or
@@ -220,11 +255,11 @@ def from_hf(input_dir: str, output: str, lowercase: bool | None = None) -> Conve
     if not os.path.isdir(input_dir):
         raise ConfigError(f"--input '{input_dir}' is not a directory; give a model directory")
     config_path = os.path.join(input_dir, hf.CONFIG_FILENAME)
-    fields = layout.model_fields(hf.read_json(config_path), layout.HF_ACTIVATIONS, config_path)
+    fields = _hf_fields(hf.read_json(config_path), config_path)
     vocab_text = hf.read_vocab(input_dir)
     _check_vocab_size(vocab_text, fields, input_dir)
     tensors = hf.read_tensors(input_dir)
-    params, left_out = layout.params_from_hf(tensors, fields, input_dir)
+    params, left_out = _params_from_hf(tensors, fields, input_dir)
     next_sentence = "nsp_head" in params
     if lowercase is None:
         lowercase = hf.read_lowercase(input_dir)
@@ -272,8 +307,38 @@ def from_tf_bert(
     return Converted(os.path.abspath(output), *_count(params), next_sentence, left_out)
 
 
+def _check_exportable(config: ml_collections.ConfigDict) -> None:
+    """Refuses, by `model.encoder`, a model Hugging Face's counterpart does not compute."""
+    fields = config.model.to_dict()
+    if fields["encoder"] == "albert":
+        albert_layout.check_exportable(fields)
+    elif fields["encoder"] == "modernbert":
+        modernbert_layout.check_exportable(fields, config.data.use_next_sentence_label)
+    else:
+        layout.check_exportable(fields)
+
+
+def _hf_export(
+    params: Mapping[str, Any], fields: Mapping[str, Any], vocab: Any
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(config.json content, state dict) of the Hugging Face model, by `model.encoder`."""
+    next_sentence = "nsp_head" in params
+    if fields["encoder"] == "albert":
+        config = albert_layout.hf_config(fields, next_sentence, vocab.pad_id)
+        return config, albert_layout.hf_from_params(params, fields)
+    if fields["encoder"] == "modernbert":
+        config = modernbert_layout.hf_config(fields, vocab.pad_id, vocab.cls_id, vocab.sep_id)
+        return config, modernbert_layout.hf_from_params(params, fields)
+    config = layout.hf_bert_config(fields, next_sentence, vocab.pad_id)
+    return config, layout.hf_from_params(params, fields["num_layers"])
+
+
 def to_hf(workdir: str, output: str) -> Converted:
     """Exports the latest checkpoint of an mlm workdir as a Hugging Face model directory.
+
+    `model.encoder` picks the model: BertForMaskedLM / BertForPreTraining, AlbertForMaskedLM /
+    AlbertForPreTraining or ModernBertForMaskedLM; the tokenizer is the run's WordPiece vocab
+    (BertTokenizer).
 
     With `optimizer.ema_decay` > 0 the EMA params are exported, as eval and fill_mask use them.
 
@@ -286,14 +351,12 @@ def to_hf(workdir: str, output: str) -> Converted:
     """
     from mlm.fill_mask import load_predictor  # The predictor loads exactly what eval uses.
 
-    # A model Hugging Face's BERT does not compute is refused before its checkpoint is read.
-    layout.check_exportable(workdir_lib.read_config(workdir).model.to_dict())
+    # A model Hugging Face does not compute is refused before its checkpoint is read.
+    _check_exportable(workdir_lib.read_config(workdir))
     predictor = load_predictor(workdir)
-    fields = predictor.config.model.to_dict()
     params = jax.device_get(predictor.params)
-    tensors = layout.hf_from_params(params, fields["num_layers"])
+    hf_config, tensors = _hf_export(params, predictor.config.model.to_dict(), predictor.vocab)
     next_sentence = "nsp_head" in params
-    hf_config = layout.hf_bert_config(fields, next_sentence, predictor.vocab.pad_id)
     with open(os.path.join(workdir, VOCAB_FILENAME), encoding="utf-8") as file:
         vocab_text = file.read()
     _write_into_place(

@@ -16,13 +16,13 @@ import dataclasses
 import functools
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from mlm import checkpoint, loss_scale, parallel, privacy, task
-from mlm.model import BertForPreTraining
 from mlm.optim import create_optimizer, learning_rate_schedule
 
 
@@ -47,7 +47,7 @@ class Experiment:
 
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
-    model: BertForPreTraining
+    model: nn.Module
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     init_fn: Any

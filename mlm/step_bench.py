@@ -69,16 +69,21 @@ def model_flops_per_token(
     """Model FLOPs per sequence position of one step (matmuls only, as in MFU accounting).
 
     With H = hidden_size, I = intermediate_size, L = num_layers, V = vocab_size, S = seq_length,
-    P = max_predictions:
+    P = max_predictions, E = embedding_size (H when 0), for BERT and ALBERT:
 
-      train = 6 * N + 12 * L * H * S + 6 * (P / S) * (H * H + H * V) [+ 6 * (H * H + 2 * H) / S]
+      train = 6 * N + 12 * L * H * S + 6 * (P / S) * (H * E + E * V) [+ 6 * E * H]
+              [+ 6 * (H * H + 2 * H) / S]
 
     where N = L * (4 * H * H + 2 * H * I) are the encoder's matmul weights (Kaplan et al.'s
     non-embedding count: Q, K, V, output and the two feed-forward kernels; biases and
-    LayerNorm, under 1%, are left out); 12 * L * H * S is QK^T and PV (2 * 2 * S * H per token
-    per layer forward, times 3 for forward + backward); the masked-LM head (dense H x H and the
-    tied H x V projection) runs on the P gathered slots of a row only, so its cost per position
-    is scaled by P / S; the bracket is the next-sentence pooler and classifier, once per row.
+    LayerNorm, under 1%, are left out; ALBERT's shared layers count once per layer they run
+    in); 12 * L * H * S is QK^T and PV (2 * 2 * S * H per token per layer forward, times 3 for
+    forward + backward); the masked-LM head (dense H x E and the tied E x V projection) runs on
+    the P gathered slots of a row only, so its cost per position is scaled by P / S; E * H is
+    the projection of factorised embeddings; the last bracket is the next-sentence pooler and
+    classifier, once per row. ModernBERT's blocks have N = L * (4 * H * H + 3 * H * I) (GeGLU:
+    H x 2I in, I x H out), and a local layer's query attends to at most
+    `modernbert.local_attention` + 1 keys, so its attention term uses that instead of S.
     Embedding lookups are gathers (no FLOPs). Forward only (eval) is a third of this: 2 instead
     of 6 per weight, 4 instead of 12 for attention.
 
@@ -94,9 +99,18 @@ def model_flops_per_token(
     """
     h, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
     n_layers = model.num_layers
-    encoder_weights = n_layers * (4 * h * h + 2 * h * i)
-    flops = 6 * encoder_weights + 12 * n_layers * h * seq_length
-    flops += 6 * (max_predictions / seq_length) * (h * h + h * v)
+    e = h if model.encoder == "modernbert" else (model.embedding_size or h)
+    if model.encoder == "modernbert":
+        every = model.modernbert.global_attn_every_n_layers
+        n_global = len(range(0, n_layers, every))
+        local_keys = min(seq_length, model.modernbert.local_attention + 1)
+        encoder_weights = n_layers * (4 * h * h + 3 * h * i)
+        attended = n_global * seq_length + (n_layers - n_global) * local_keys
+    else:
+        encoder_weights = n_layers * (4 * h * h + 2 * h * i) + (e * h if e != h else 0)
+        attended = n_layers * seq_length
+    flops = 6 * encoder_weights + 12 * h * attended
+    flops += 6 * (max_predictions / seq_length) * (h * e + e * v)
     if next_sentence:
         flops += 6 * (h * h + 2 * h) / seq_length
     return flops if train else flops / 3

@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -22,6 +23,7 @@ import optax
 from mlm import heads, kernels, parallel, privacy
 from mlm import loss_scale as loss_scale_lib
 from mlm.model import BertForPreTraining
+from mlm.modernbert import ModernBertForPreTraining
 from mlm.optim import ema_update
 
 Batch = Mapping[str, jax.Array]
@@ -57,11 +59,14 @@ class TaskState:
 
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
-) -> BertForPreTraining:
-    """Builds the pretraining model from `config.model` and `config.data.use_next_sentence_label`.
+) -> nn.Module:
+    """Builds the pretraining model of `config.model.encoder` with its heads.
 
-    The classification heads are `model.cls_heads`, or without them the next-sentence head when
-    `data.use_next_sentence_label` (`mlm.heads.specs`).
+    BERT and ALBERT (BERT's blocks with factorised embeddings and shared layers) are
+    `mlm.model.BertForPreTraining`; ModernBERT is `mlm.modernbert.ModernBertForPreTraining`. All
+    take the same batch and return the same outputs. The classification heads are
+    `model.cls_heads`, or without them the next-sentence head when
+    `data.use_next_sentence_label` (`mlm.heads.specs`; for ALBERT it learns sentence order).
 
     Args:
       config: the full validated config.
@@ -74,28 +79,42 @@ def build_model(
     """
     m = config.model
     platform = kernels.mesh_platform(mesh) if mesh is not None else jax.devices()[0].platform
-    return BertForPreTraining(
+    common = dict(
         vocab_size=m.vocab_size,
         hidden_size=m.hidden_size,
         num_layers=m.num_layers,
         num_heads=m.num_heads,
         intermediate_size=m.intermediate_size,
         max_position_embeddings=m.max_position_embeddings,
-        type_vocab_size=m.type_vocab_size,
         dropout_rate=m.dropout_rate,
         attention_dropout_rate=m.attention_dropout_rate,
         dtype=jnp.dtype(m.dtype),
         use_next_sentence=config.data.use_next_sentence_label,
         cls_heads=heads.specs(m.cls_heads, m.hidden_size, config.data.use_next_sentence_label),
         activation=m.activation,
-        remat=m.remat,
-        embedding_size=m.embedding_size,
-        norm_first=m.norm_first,
-        initializer_range=m.initializer_range,
         mlm_activation=m.mlm_activation,
-        mlm_initializer_range=m.mlm_initializer_range,
+        remat=m.remat,
+        initializer_range=m.initializer_range,
         kernels=kernels.select(m.kernels, platform),
         row_sharding=None if mesh is None else parallel.batch_sharding(mesh),
+    )
+    if m.encoder == "modernbert":
+        modern = m.modernbert
+        return ModernBertForPreTraining(
+            **common,
+            global_attn_every_n_layers=modern.global_attn_every_n_layers,
+            local_attention=modern.local_attention,
+            global_rope_theta=modern.global_rope_theta,
+            local_rope_theta=modern.local_rope_theta,
+            norm_eps=modern.norm_eps,
+        )
+    return BertForPreTraining(
+        **common,
+        type_vocab_size=m.type_vocab_size,
+        embedding_size=m.embedding_size,
+        norm_first=m.norm_first,
+        mlm_initializer_range=m.mlm_initializer_range,
+        num_hidden_groups=m.albert.num_hidden_groups if m.encoder == "albert" else 0,
     )
 
 
@@ -129,7 +148,7 @@ def dummy_batch(
 def init(
     rng: jax.Array,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     seq_length: int,
     max_predictions: int,
@@ -206,7 +225,7 @@ def state_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def state_initializer(
     config: ml_collections.ConfigDict,
-    model: BertForPreTraining,
+    model: nn.Module,
     tx: optax.GradientTransformation,
 ) -> Callable[[jax.Array], TaskState]:
     """Returns `init` bound to the model, optimizer and the config's batch shapes.
@@ -313,7 +332,7 @@ def loss(
     batch: Batch,
     rng: jax.Array | None,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     totals: tuple[jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The pretraining loss of a batch (Model Garden's build_losses).
@@ -360,7 +379,7 @@ def _scaled_loss(
     batch: Batch,
     rng: jax.Array | None,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     totals: tuple[jax.Array, jax.Array] | None = None,
     scale: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
@@ -378,7 +397,7 @@ def _gradients(
     batch: Batch,
     rng: jax.Array,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     grad_accum_steps: int,
     scale: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], Any]:
@@ -414,7 +433,7 @@ def row_loss(
     row: Batch,
     rng: jax.Array,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     scale: jax.Array | None = None,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """The DP-SGD objective of one row (arrays without the batch axis).
@@ -434,7 +453,7 @@ def _private_gradients(
     batch: Batch,
     rng: jax.Array,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     grad_accum_steps: int,
     dp: privacy.DpSgd,
     scale: jax.Array | None = None,
@@ -481,7 +500,7 @@ def train_step(
     state: TaskState,
     batch: Batch,
     *,
-    model: BertForPreTraining,
+    model: nn.Module,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     grad_accum_steps: int = 1,
@@ -568,7 +587,7 @@ def train_step(
     return new_state, logs
 
 
-def eval_step(params: Any, batch: Batch, *, model: BertForPreTraining) -> Logs:
+def eval_step(params: Any, batch: Batch, *, model: nn.Module) -> Logs:
     """Metric sums of one eval batch (Model Garden's validation_step), dropout off.
 
     Args:
@@ -583,7 +602,7 @@ def eval_step(params: Any, batch: Batch, *, model: BertForPreTraining) -> Logs:
     return sums
 
 
-def inference_step(params: Any, batch: Batch, *, model: BertForPreTraining) -> dict[str, jax.Array]:
+def inference_step(params: Any, batch: Batch, *, model: nn.Module) -> dict[str, jax.Array]:
     """Model outputs for prediction (Model Garden's inference_step), dropout off.
 
     Args:

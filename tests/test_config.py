@@ -220,9 +220,12 @@ HOST_INTS = ("mesh.fsdp_min_size", "privacy.num_examples")
 
 def with_field(name, value):
     config = config_lib.base_config()
-    section, field = name.split(".")
+    *sections, field = name.split(".")
+    parent = config
+    for section in sections:
+        parent = parent[section]
     with config.unlocked():
-        config[section][field] = value
+        parent[field] = value
     return config
 
 

@@ -668,3 +668,101 @@ def test_real_command_line_help_names_the_command_and_every_flag():
     assert "convert.py" not in result.stdout
     for flag in ("from", "to", "input", "output", "bert_config", "vocab", "lowercase"):
         assert f"\n  --{flag}: " in result.stdout
+
+
+# ---------------------------------------------------------------- ALBERT and ModernBERT, end to end
+
+
+def random_albert(seed=0):
+    config = transformers.AlbertConfig(
+        vocab_size=len(TOKENS) + 3, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+        num_hidden_groups=1, num_attention_heads=4, intermediate_size=64, hidden_act="gelu",
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    return random_hf_model(transformers.AlbertForMaskedLM, config, seed)
+
+
+def random_modernbert(seed=0):
+    config = transformers.ModernBertConfig(
+        vocab_size=len(TOKENS) + 3, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+        intermediate_size=48, max_position_embeddings=64, local_attention=4,
+        global_attn_every_n_layers=2, pad_token_id=0, cls_token_id=2, sep_token_id=3,
+        bos_token_id=2, eos_token_id=3, attn_implementation="eager",
+    )  # fmt: skip
+    return random_hf_model(transformers.ModernBertForMaskedLM, config, seed)
+
+
+@pytest.mark.parametrize(
+    "make_model, encoder", [(random_albert, "albert"), (random_modernbert, "modernbert")]
+)
+def test_albert_and_modernbert_fill_masks_like_transformers_and_export_bit_for_bit(
+    make_model, encoder, tmp_path
+):
+    model = make_model()
+    hf_dir = save_hf(model, tmp_path / "hf", tmp_path)
+    converted = convert.from_hf(hf_dir, str(tmp_path / "mlm"))
+    assert not converted.next_sentence and converted.left_out == []
+    predictor = load_predictor(converted.output)
+    assert predictor.config.model.encoder == encoder
+    pipeline = transformers.pipeline("fill-mask", model=hf_dir, tokenizer=hf_dir, device="cpu")
+    # Longer than ModernBERT's local window of 4, so that its sliding layers matter.
+    for text in ("the big red cat sat on the old [MASK] under the green tree .", "a [MASK] sang"):
+        ours = fill_mask(predictor, text, top_k=5)[0]
+        theirs = [
+            (row["token_str"], row["score"])
+            for row in pipeline(text, top_k=20)
+            if not (row["token_str"].startswith("[") and row["token_str"].endswith("]"))
+        ][:5]
+        assert [token for token, _ in ours] == [token for token, _ in theirs]
+        np.testing.assert_allclose([p for _, p in ours], [p for _, p in theirs], atol=1e-4)
+    exported = convert.to_hf(converted.output, str(tmp_path / "back"))
+    loaded, info = type(model).from_pretrained(exported.output, output_loading_info=True)
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert info["mismatched_keys"] == set() and info["error_msgs"] == []
+    assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+    again = convert.from_hf(exported.output, str(tmp_path / "again"))
+    first, second = load_predictor(converted.output), load_predictor(again.output)
+    for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert first.config.to_dict() == second.config.to_dict()
+
+
+def test_albert_sentence_order_head_converts_both_ways(tmp_path):
+    config = transformers.AlbertConfig(
+        vocab_size=len(TOKENS), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+        num_hidden_groups=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=None, eos_token_id=None,
+    )  # fmt: skip
+    model = random_hf_model(transformers.AlbertForPreTraining, config, seed=2)
+    hf_dir = save_hf(model, tmp_path / "hf", tmp_path)
+    converted = convert.from_hf(hf_dir, str(tmp_path / "mlm"))
+    assert converted.next_sentence
+    predictor = load_predictor(converted.output)
+    assert predictor.config.data.use_next_sentence_label
+    assert predictor.config.model.albert.num_hidden_groups == 2
+    ids, mask, types = random_batch(seed=2)
+    ours, theirs = our_outputs(predictor, ids, mask, types), hf_outputs(model, ids, mask, types)
+    assert max_real_diff(ours["mlm_logits"], theirs.prediction_logits.numpy(), mask) < 1e-4
+    assert np.abs(ours["nsp_logits"] - theirs.sop_logits.numpy()).max() < 1e-4
+    exported = convert.to_hf(converted.output, str(tmp_path / "back"))
+    loaded, info = transformers.AlbertForPreTraining.from_pretrained(
+        exported.output, output_loading_info=True
+    )
+    assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
+    assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+
+
+def test_a_modernbert_with_a_next_sentence_head_is_refused_before_its_checkpoint_is_read(
+    tmp_path, capsys
+):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    config = config_lib.base_config()
+    config.model.encoder = "modernbert"
+    config.data.use_next_sentence_label = True
+    (workdir / "config.json").write_text(config_lib.to_json(config_lib.validate(config)))
+    line = convert_cli_error(
+        ["--to", "hf", "--input", str(workdir), "--output", str(tmp_path / "out")], capsys
+    )
+    assert "ModernBertForMaskedLM has no place for" in line, line
+    assert not (tmp_path / "out").exists()

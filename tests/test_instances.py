@@ -112,6 +112,27 @@ def test_single_sentence_chunks_always_get_a_random_next():
     assert all(p.next_sentence_label == 1 and len(p.input_word_ids) == 32 for p in pairs)
 
 
+def test_sentence_order_pairs_are_in_order_or_swapped_never_random():
+    rng = np.random.default_rng(7)
+    docs = _docs(rng, 50, (2, 10), (1, 8))  # Short: 512 never truncates.
+    pairs = pair_instances(
+        docs, 512, 0.0, np.random.default_rng(8), cls_id=CLS, sep_id=SEP, sentence_order=True
+    )
+    doc_texts = [np.concatenate(doc) for doc in docs]
+    labels = Counter()
+    for pair in pairs:
+        tokens_a, tokens_b, _ = _split_pair(pair)
+        home = next(t for t in doc_texts if _contains(t, tokens_a))
+        in_order = _contains(home, np.concatenate([tokens_a, tokens_b]))
+        swapped = _contains(home, np.concatenate([tokens_b, tokens_a]))
+        if pair.next_sentence_label == 0:
+            assert in_order
+        else:  # Swapped, or (a one-sentence chunk, as ALBERT) B from elsewhere.
+            assert swapped or len(pair.input_word_ids) and not in_order
+        labels[pair.next_sentence_label, swapped] += 1
+    assert labels[0, False] > 0.3 * len(pairs) and labels[1, True] > 0.3 * len(pairs)
+
+
 def test_truncation_drops_from_both_ends_of_the_longer_side():
     doc = [np.arange(100, 160, dtype=np.int32), np.arange(200, 230, dtype=np.int32)]
     other = [np.arange(300, 310, dtype=np.int32)]

@@ -59,6 +59,32 @@ def test_model_flops_per_token_equals_a_hand_count(next_sentence):
     assert evaluation * 16 == pytest.approx(forward, rel=1e-12)
 
 
+def test_model_flops_per_token_counts_factorised_embeddings():
+    config = tiny_config(False)
+    config.model.embedding_size = 4
+    h, i, v, e, s, p = 8, 16, 50, 4, 16, 3
+    forward = hand_count_per_row(h, i, 2, v, s, p, False)
+    forward += s * 2 * e * h  # embedding projection E -> H at every position
+    forward += p * (2 * h * e + 2 * e * v - 2 * h * h - 2 * h * v)  # the head works at width E
+    train = step_bench.model_flops_per_token(config.model, s, p, False)
+    assert train * s == pytest.approx(3 * forward, rel=1e-12)
+
+
+def test_model_flops_per_token_of_modernbert_counts_the_local_window():
+    config = tiny_config(False)
+    config.model.encoder = "modernbert"
+    config.model.num_layers = 4
+    config.model.modernbert.update(global_attn_every_n_layers=3, local_attention=6)
+    h, i, v, s, p = 8, 16, 50, 16, 3
+    forward = p * (2 * h * h + 2 * h * v)
+    for layer in range(4):
+        keys = s if layer % 3 == 0 else 7  # local: at most local_attention + 1 keys per query
+        forward += s * (2 * h * 3 * h + 2 * h * h + 2 * h * 2 * i + 2 * i * h)  # Wqkv, Wo, MLP
+        forward += 2 * 2 * s * keys * h  # QK^T and PV
+    train = step_bench.model_flops_per_token(config.model, s, p, False)
+    assert train * s == pytest.approx(3 * forward, rel=1e-12)
+
+
 def test_synthetic_batch_shapes_padding_and_masks():
     rng = np.random.default_rng(0)
     batch = synthetic.synthetic_batch(rng, 64, 128, 20, 1000, real_fraction=0.9)

@@ -147,6 +147,38 @@ def test_train_step_lowers_loss_and_counts_steps():
     assert {"loss", "grad_norm", "learning_rate", "nsp_loss_sum", "lm_loss_sum"} <= set(logs)
 
 
+@pytest.mark.parametrize("encoder", ["albert", "modernbert"])
+def test_albert_and_modernbert_train_evaluate_and_predict(encoder):
+    config = tiny_config(nsp=encoder == "albert", dropout=0.1)
+    config.model.encoder = encoder
+    if encoder == "albert":
+        config.model.embedding_size = 8
+        config.model.albert.num_hidden_groups = 1
+    else:
+        config.model.modernbert.local_attention = 4
+    config = config_lib.validate(config)
+    model, tx, state = make_state(config)
+    if encoder == "albert":  # One block shared by both layers, and the projection up from E.
+        assert set(state.params["encoder"]) >= {"layer_0", "embedding_projection"}
+        assert "layer_1" not in state.params["encoder"]
+    else:
+        assert "qkv" in state.params["encoder"]["layer_1"]["attention"]
+    train = step_fn(config, model, tx, 1)
+    batch = random_batch(4)
+    losses = []
+    for _ in range(30):
+        state, logs = train(state, batch)
+        losses.append(float(logs["loss"]))
+    assert losses[-1] < 0.5 * losses[0]
+    sums = task.eval_step(state.params, batch, model=model)
+    _, expected = task.loss(state.params, batch, None, model=model)
+    for name in expected:
+        assert float(sums[name]) == pytest.approx(float(expected[name]), rel=1e-6)
+    outputs = task.inference_step(state.params, batch, model=model)
+    assert outputs["mlm_logits"].shape == (4, PRED, VOCAB)
+    assert ("nsp_logits" in outputs) == (encoder == "albert")
+
+
 def test_a_non_finite_update_is_skipped_and_counted():
     config = tiny_config()
     model, tx, state = make_state(config)

@@ -269,6 +269,8 @@ def build_inputs(
         whole_word_masking=data.whole_word_masking,
         use_next_sentence_label=data.use_next_sentence_label,
         short_seq_prob=data.short_seq_prob,
+        # ALBERT's pair task is sentence order (its paper, Model Garden), BERT's next sentence.
+        sentence_order=config.model.encoder == "albert",
         seed=config.train.seed,
     )
     documents = {

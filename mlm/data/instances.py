@@ -94,6 +94,7 @@ def pair_instances(
     *,
     cls_id: int,
     sep_id: int,
+    sentence_order: bool = False,
 ) -> list[SentencePair]:
     """Builds NSP sentence pairs from every document, as BERT's `create_instances_from_document`.
 
@@ -104,6 +105,7 @@ def pair_instances(
       rng: source of all random choices.
       cls_id: id of [CLS].
       sep_id: id of [SEP].
+      sentence_order: ALBERT's sentence-order pairs instead (see `document_pairs`).
 
     Returns:
       The instances, document by document (see `document_pairs`).
@@ -113,7 +115,14 @@ def pair_instances(
     for document_index in range(len(docs)):
         pairs.extend(
             document_pairs(
-                docs, document_index, seq_length, short_seq_prob, rng, cls_id=cls_id, sep_id=sep_id
+                docs,
+                document_index,
+                seq_length,
+                short_seq_prob,
+                rng,
+                cls_id=cls_id,
+                sep_id=sep_id,
+                sentence_order=sentence_order,
             )
         )
     return pairs
@@ -128,6 +137,7 @@ def document_pairs(
     *,
     cls_id: int,
     sep_id: int,
+    sentence_order: bool = False,
 ) -> list[SentencePair]:
     """Builds the NSP sentence pairs of one document, as BERT's `create_instances_from_document`.
 
@@ -138,6 +148,11 @@ def document_pairs(
     `seq_length - 3` tokens by dropping tokens from the front or back (at random) of the longer
     side. Documents are only indexed (`docs[i]`), so `docs` may be a random-access dataset.
 
+    With `sentence_order` the pairs are ALBERT's sentence-order pairs instead (its
+    `create_instances_from_document_albert` without random_next_sentence): half of the time A and
+    B, consecutive in the document, are swapped (label 1); a chunk of a single sentence still
+    takes a random B (label 1), as ALBERT does.
+
     Args:
       docs: tokenized documents; empty sentences and documents are ignored.
       document_index: the document to pair.
@@ -146,6 +161,7 @@ def document_pairs(
       rng: source of all random choices.
       cls_id: id of [CLS].
       sep_id: id of [SEP].
+      sentence_order: ALBERT's sentence-order pairs instead of next-sentence pairs.
 
     Returns:
       The document's instances, in order (none for an empty document).
@@ -155,9 +171,9 @@ def document_pairs(
     if not document:
         return []
     return [
-        _sentence_pair(tokens_a, tokens_b, is_random_next, cls_id, sep_id)
-        for tokens_a, tokens_b, is_random_next in _segment_pairs(
-            docs, document, document_index, seq_length - 3, short_seq_prob, rng
+        _sentence_pair(tokens_a, tokens_b, label, cls_id, sep_id)
+        for tokens_a, tokens_b, label in _segment_pairs(
+            docs, document, document_index, seq_length - 3, short_seq_prob, rng, sentence_order
         )
     ]
 
@@ -180,8 +196,12 @@ def _segment_pairs(
     max_num_tokens: int,
     short_seq_prob: float,
     rng: np.random.Generator,
+    sentence_order: bool = False,
 ) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-    """Returns (tokens A, tokens B, is_random_next) for one document, BERT's algorithm."""
+    """Returns (tokens A, tokens B, label) for one document, BERT's (or ALBERT's) algorithm.
+
+    The label is 1 when B is random (or, with `sentence_order`, swapped with A), else 0.
+    """
     target_seq_length = max_num_tokens
     if rng.random() < short_seq_prob:
         target_seq_length = int(rng.integers(2, max_num_tokens + 1))
@@ -196,15 +216,18 @@ def _segment_pairs(
         if i == len(document) - 1 or current_length >= target_seq_length:
             a_end = int(rng.integers(1, len(current_chunk))) if len(current_chunk) >= 2 else 1
             tokens_a = np.concatenate(current_chunk[:a_end])
-            is_random_next = len(current_chunk) == 1 or rng.random() < 0.5
+            is_random_next = len(current_chunk) == 1 or (not sentence_order and rng.random() < 0.5)
+            swapped = False
             if is_random_next:
                 target_b_length = target_seq_length - len(tokens_a)
                 tokens_b = _random_span(docs, document, document_index, target_b_length, rng)
                 i -= len(current_chunk) - a_end  # Put the unused sentences back.
             else:
                 tokens_b = np.concatenate(current_chunk[a_end:])
+                if sentence_order and rng.random() < 0.5:
+                    tokens_a, tokens_b, swapped = tokens_b, tokens_a, True
             tokens_a, tokens_b = _truncate_seq_pair(tokens_a, tokens_b, max_num_tokens, rng)
-            segment_pairs.append((tokens_a, tokens_b, is_random_next))
+            segment_pairs.append((tokens_a, tokens_b, is_random_next or swapped))
             current_chunk, current_length = [], 0
         i += 1
     return segment_pairs

@@ -69,6 +69,7 @@ def build_dataset(
     use_next_sentence_label: bool,
     short_seq_prob: float,
     batch_size: int,
+    sentence_order: bool = False,
     seed: int,
     train: bool,
     shard_index: int = 0,
@@ -91,6 +92,8 @@ def build_dataset(
       whole_word_masking: choose whole words (a token and its `##` pieces) for prediction.
       use_next_sentence_label: rows are NSP sentence pairs instead of packed chunks.
       short_seq_prob: NSP only: probability of a shorter target length (BERT's 0.1).
+      sentence_order: with use_next_sentence_label, ALBERT's sentence-order pairs (B swapped
+        with A, label 1) instead of next-sentence pairs (`instances.document_pairs`).
       batch_size: rows per batch; the last incomplete batch is dropped.
       seed: seeds NSP pairing, shuffling, packing and masking; equal seeds give equal batches.
       train: shuffle the documents and repeat forever with a new order and new masks every
@@ -126,6 +129,7 @@ def build_dataset(
                 cls_id=vocab.cls_id,
                 sep_id=vocab.sep_id,
                 pad=pad,
+                sentence_order=sentence_order,
             ),
             seed=seed,
         )
@@ -312,10 +316,18 @@ def _document_rows(
     cls_id: int,
     sep_id: int,
     pad: functools.partial,
+    sentence_order: bool = False,
 ) -> list[dict[str, np.ndarray]]:
-    """The padded NSP pairs of document `index` (random next segments from any document)."""
+    """The padded NSP (or sentence-order) pairs of document `index`."""
     pairs = document_pairs(
-        docs, index, seq_length, short_seq_prob, rng, cls_id=cls_id, sep_id=sep_id
+        docs,
+        index,
+        seq_length,
+        short_seq_prob,
+        rng,
+        cls_id=cls_id,
+        sep_id=sep_id,
+        sentence_order=sentence_order,
     )
     return [pad(pair) for pair in pairs]
 

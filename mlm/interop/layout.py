@@ -99,7 +99,10 @@ def model_fields(
     """
     model_type = bert_config.get("model_type", "bert")
     if model_type != "bert":
-        raise DataError(f"{where}: model_type is '{model_type}'; only BERT checkpoints convert")
+        raise DataError(
+            f"{where}: model_type is '{model_type}'; only BERT, ALBERT and ModernBERT "
+            "checkpoints convert"
+        )
     missing = [name for name in _MODEL_FIELDS if name not in bert_config]
     if missing:
         raise DataError(
