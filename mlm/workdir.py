@@ -218,19 +218,30 @@ def check_consistent(
     # A field added to the schema after the run was written had its default there.
     defaults = config_lib.base_config().to_dict()
     for section in _FIXED_SECTIONS:
-        for field, value in current[section].items():
-            if not _is_fixed(f"{section}.{field}", mode):
+        saved = previous.get(section)
+        if not isinstance(saved, dict):
+            continue
+        saved_fields = {**_dotted(defaults[section], section), **_dotted(saved, section)}
+        for name, value in _dotted(current[section], section).items():
+            if not _is_fixed(name, mode) or saved_fields.get(name, value) == value:
                 continue
-            saved = previous.get(section)
-            if isinstance(saved, dict) and saved.get(field, defaults[section][field]) != value:
-                source = "" if where.endswith(CONFIG_FILENAME) else f" ({where})"
-                raise WorkdirError(
-                    f"workdir '{workdir}' holds a run with {section}.{field}="
-                    f"{saved.get(field, defaults[section][field])!r}{source}, this config has "
-                    f"{value!r}; use a new "
-                    "--workdir or the same config"
-                )
+            source = "" if where.endswith(CONFIG_FILENAME) else f" ({where})"
+            raise WorkdirError(
+                f"workdir '{workdir}' holds a run with {name}={saved_fields[name]!r}{source}, "
+                f"this config has {value!r}; use a new --workdir or the same config"
+            )
     return previous
+
+
+def _dotted(fields: dict, prefix: str) -> dict:
+    """A config section's leaf fields by dotted name (`model.albert.num_hidden_groups`)."""
+    flat = {}
+    for field, value in fields.items():
+        if isinstance(value, dict):
+            flat.update(_dotted(value, f"{prefix}.{field}"))
+        else:
+            flat[f"{prefix}.{field}"] = value
+    return flat
 
 
 def state_mismatch(
@@ -241,14 +252,14 @@ def state_mismatch(
     """Names the changed fields behind a checkpoint of another train state."""
     if previous is None:
         return error
+    current = config.to_dict()
     changed = [
-        f"{section}.{field}={value!r} in the run, {config[section][field]!r} here"
+        f"{name}={value!r} in the run, {here[name]!r} here"
         for section in ("model", "optimizer")  # What the train state's shapes depend on.
         if isinstance(previous.get(section), dict)
-        for field, value in previous[section].items()
-        if field in config[section]
-        and config[section][field] != value
-        and f"{section}.{field}" not in FREE_FIELDS
+        for here in [_dotted(current[section], section)]
+        for name, value in _dotted(previous[section], section).items()
+        if name in here and here[name] != value and name not in FREE_FIELDS
     ]
     if not changed:
         return error

@@ -107,6 +107,38 @@ def test_a_run_written_before_a_model_field_existed_had_its_default(tmp_path):
         workdir.check_consistent(config_lib.validate(pre_ln), str(tmp_path))
 
 
+def test_nested_model_fields_are_compared_and_named_one_by_one(tmp_path):
+    old = config_lib.validate(config_lib.sized_config("tiny")).to_dict()
+    del old["model"]["modernbert"]["norm_eps"]  # Written before that field existed.
+    write_step(str(tmp_path), 4)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    assert workdir.check_consistent(
+        config_lib.validate(config_lib.sized_config("tiny")), str(tmp_path)
+    )
+    other = config_lib.sized_config("tiny")
+    other.model.modernbert.local_attention = 2 * old["model"]["modernbert"]["local_attention"]
+    with pytest.raises(
+        WorkdirError,
+        match=rf"^workdir '.*' holds a run with model\.modernbert\.local_attention="
+        rf"{old['model']['modernbert']['local_attention']}, this config has "
+        rf"{other.model.modernbert.local_attention}; use a new --workdir or the same config$",
+    ):
+        workdir.check_consistent(config_lib.validate(other), str(tmp_path))
+
+
+def test_a_state_mismatch_names_only_the_changed_leaf_fields():
+    run = config_lib.validate(config_lib.sized_config("tiny"))
+    here = config_lib.sized_config("tiny")
+    here.optimizer.clip_norm = 0.0
+    error = checkpoint.StateMismatchError("differs", step=6, difference="opt_state")
+    message = str(workdir.state_mismatch(error, run.to_dict(), config_lib.validate(here)))
+    assert message == (
+        f"checkpoint step 6 holds another train state than this config builds "
+        f"(optimizer.clip_norm={run.optimizer.clip_norm!r} in the run, 0.0 here); resume with "
+        "the run's config (WORKDIR/config.json) or use a new --workdir"
+    )
+
+
 def test_no_checkpoint_means_no_run_config(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model": {"hidden_size": 1}}))
     assert workdir.run_config(str(tmp_path)) is None
