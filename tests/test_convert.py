@@ -578,6 +578,27 @@ def test_tensors_of_another_shape_and_bad_tokenizer_files_are_one_line_errors(
     assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
+def test_bpe_and_sentencepiece_tokenizers_are_refused_naming_them(masked_lm, tmp_path, capsys):
+    hf_dir = copy_hf_dir(masked_lm[1], tmp_path)
+    argv = ["--from", "hf", "--input", str(hf_dir), "--output", str(tmp_path / "out")]
+    for name in ("vocab.txt", "tokenizer.json"):
+        if (hf_dir / name).exists():
+            (hf_dir / name).unlink()
+    bpe = {"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}  # ModernBERT's kind
+    (hf_dir / "tokenizer.json").write_text(json.dumps(bpe))
+    assert convert_cli_error(argv, capsys) == (
+        f"error: '{hf_dir}/tokenizer.json' is a BPE tokenizer, not WordPiece; mlm's vocabs are "
+        "WordPiece, so models with BPE, Unigram or SentencePiece tokenizers do not convert"
+    )
+    (hf_dir / "tokenizer.json").unlink()
+    (hf_dir / "spiece.model").write_bytes(b"\x0a\x01")  # ALBERT's; read by name only
+    assert convert_cli_error(argv, capsys) == (
+        f"error: '{hf_dir}' has a SentencePiece tokenizer (spiece.model); mlm's vocabs are "
+        "WordPiece, so only models with a WordPiece vocab.txt or tokenizer.json convert"
+    )
+    assert sorted(os.listdir(tmp_path)) == ["hf"]
+
+
 def test_convert_command_line_prints_one_line_for_a_config_that_is_not_json(masked_lm, tmp_path):
     hf_dir = copy_hf_dir(masked_lm[1], tmp_path)
     (hf_dir / "config.json").write_text("not json")

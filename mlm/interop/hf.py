@@ -32,6 +32,7 @@ SAFETENSORS_INDEX_FILENAME = "model.safetensors.index.json"
 TORCH_FILENAME = "pytorch_model.bin"
 VOCAB_FILENAME = "vocab.txt"
 TOKENIZER_FILENAME = "tokenizer.json"
+SENTENCEPIECE_FILENAME = "spiece.model"  # ALBERT's and T5's tokenizer: not WordPiece.
 TOKENIZER_CONFIG_FILENAME = "tokenizer_config.json"
 SPECIAL_TOKENS_FILENAME = "special_tokens_map.json"
 _SPECIAL_TOKENS = {
@@ -142,6 +143,14 @@ def read_vocab(model_dir: str) -> str:
         vocab_tokens(text, path)
         return text
     tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
+    if not os.path.isfile(tokenizer_path) and os.path.isfile(
+        os.path.join(model_dir, SENTENCEPIECE_FILENAME)
+    ):
+        raise DataError(
+            f"'{model_dir}' has a SentencePiece tokenizer ({SENTENCEPIECE_FILENAME}); mlm's "
+            "vocabs are WordPiece, so only models with a WordPiece vocab.txt or tokenizer.json "
+            "convert"
+        )
     if not os.path.isfile(tokenizer_path):
         raise DataError(
             f"'{model_dir}' holds no {VOCAB_FILENAME} or {TOKENIZER_FILENAME}; save the "
@@ -150,7 +159,12 @@ def read_vocab(model_dir: str) -> str:
     model = read_json(tokenizer_path).get("model")
     vocab = model.get("vocab") if isinstance(model, dict) else None
     if not isinstance(vocab, dict) or model.get("type") != "WordPiece":
-        raise DataError(f"'{tokenizer_path}' is not a WordPiece tokenizer; BERT's vocab is")
+        kind = model.get("type") if isinstance(model, dict) else None
+        raise DataError(
+            f"'{tokenizer_path}' is a {kind or 'non-WordPiece'} tokenizer, not WordPiece; mlm's "
+            "vocabs are WordPiece, so models with BPE, Unigram or SentencePiece tokenizers do "
+            "not convert"
+        )
     ids = list(vocab.values())
     if any(isinstance(i, bool) or not isinstance(i, int) for i in ids) or sorted(ids) != list(
         range(len(ids))
