@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 
 import ml_collections
 import numpy as np
@@ -846,6 +847,7 @@ def test_two_runs_in_one_workdir_the_second_stops_at_once(text_copy):
     try:
         while f"pid {first.pid} " not in lock_holder(os.path.join(WORKDIR, "lock")):
             assert first.poll() is None, first.communicate()[1][-2000:]
+            time.sleep(0.05)  # Leave the cores to the run that is starting.
         second = run_cli("--config", CONFIG_FILE, "--workdir", WORKDIR, cwd=text_copy)
         assert second.returncode == 2, second.stderr[-2000:]
         assert error_lines(second) == [

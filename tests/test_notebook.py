@@ -63,7 +63,8 @@ def pip(argv, check, env):
     open(os.path.join({str(site)!r}, "mlm", "__init__.py"), "w").close()
 subprocess.run = pip
 """
-    env = {key: value for key, value in os.environ.items() if key != "MLM_GIT_URL"}
+    # Nothing but the cell's own site directory may hold mlm (PYTHONPATH would).
+    env = {k: v for k, v in os.environ.items() if k not in ("MLM_GIT_URL", "PYTHONPATH")}
     if url is not None:
         env["MLM_GIT_URL"] = url
     return subprocess.run(
