@@ -741,6 +741,16 @@ def test_albert_and_modernbert_fill_masks_like_transformers_and_export_bit_for_b
     assert info["missing_keys"] == set() and info["unexpected_keys"] == set()
     assert info["mismatched_keys"] == set() and info["error_msgs"] == []
     assert_state_dicts_identical(model.state_dict(), loaded.state_dict())
+    # The export alone (its own tokenizer files) fills masks as mlm does.
+    text = "the big red cat sat on the old [MASK] under the green tree ."
+    exported_pipeline = transformers.pipeline(
+        "fill-mask", model=exported.output, tokenizer=exported.output, device="cpu"
+    )
+    theirs = [(row["token_str"], row["score"]) for row in exported_pipeline(text, top_k=20)]
+    theirs = [(token, p) for token, p in theirs if not token.startswith("[")][:5]
+    ours = fill_mask(predictor, text, top_k=5)[0]
+    assert [token for token, _ in ours] == [token for token, _ in theirs]
+    np.testing.assert_allclose([p for _, p in ours], [p for _, p in theirs], atol=1e-4)
     again = convert.from_hf(exported.output, str(tmp_path / "again"))
     first, second = load_predictor(converted.output), load_predictor(again.output)
     for a, b in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params), strict=True):

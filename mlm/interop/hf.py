@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import safetensors
 import safetensors.numpy
+from tokenizers.implementations import BertWordPieceTokenizer
 
 from mlm.data.tokenizer import (
     CLS_TOKEN,
@@ -211,6 +212,9 @@ def write_model_dir(
 ) -> None:
     """Writes a directory `from_pretrained` and `AutoTokenizer.from_pretrained` load.
 
+    config.json, model.safetensors, vocab.txt, tokenizer.json (BERT's WordPiece pipeline, the
+    [CLS] / [SEP] template included), tokenizer_config.json and special_tokens_map.json.
+
     Args:
       model_dir: an existing, empty directory.
       config: the config.json content (`layout.hf_bert_config`).
@@ -223,8 +227,14 @@ def write_model_dir(
     safetensors.numpy.save_file(
         dict(tensors), os.path.join(model_dir, SAFETENSORS_FILENAME), metadata={"format": "pt"}
     )
-    with open(os.path.join(model_dir, VOCAB_FILENAME), "w", encoding="utf-8") as file:
+    vocab_path = os.path.join(model_dir, VOCAB_FILENAME)
+    with open(vocab_path, "w", encoding="utf-8") as file:
         file.write(vocab_text)
+    # The fast tokenizer's own file: AutoTokenizer reads it whatever tokenizer class the
+    # model_type maps to (ModernBERT's and ALBERT's are not WordPiece classes).
+    BertWordPieceTokenizer(vocab_path, lowercase=lowercase).save(
+        os.path.join(model_dir, TOKENIZER_FILENAME)
+    )
     tokenizer_config = {
         "tokenizer_class": "BertTokenizer",
         "do_lower_case": lowercase,
