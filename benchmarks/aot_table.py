@@ -20,7 +20,11 @@ import subprocess
 import sys
 
 GIB = 2**30
-CONFIGS = {"bert_base": "configs/bert_base.py", "bert_large": "configs/bert_large.py"}
+CONFIGS = {
+    "bert_base": "configs/bert_base.py",
+    "bert_large": "configs/bert_large.py",
+    "modernbert_base": "configs/modernbert_base.py",
+}
 TOPOLOGIES = ("v5e-8", "v4-8", "v5p-8")
 CHIPS = {"v5e-8": 8, "v4-8": 4, "v5p-8": 4}
 
@@ -58,7 +62,9 @@ def compile_row(
         f"--config.data.seq_length={seq}",
         f"--config.model.remat={remat}",
     ]
-    if seq == 512:
+    if model == "modernbert_base" and seq != 1024:  # The config's 30% of 1024.
+        command.append(f"--config.data.max_predictions_per_seq={seq * 320 // 1024}")
+    elif model != "modernbert_base" and seq == 512:
         command.append("--config.data.max_predictions_per_seq=80")
     if fsdp:
         command += ["--config.mesh.data=1", f"--config.mesh.fsdp={CHIPS[topology]}"]
@@ -134,6 +140,15 @@ def jobs(out: str, rows: dict) -> list:
     for topology in TOPOLOGIES:
         for fsdp in (False, True):
             row("bert_base", 512, topology, fsdp)
+    # ModernBERT-base beside bert_base at seq 512, and at its own seq 1024 with as many tokens.
+    work.append(lambda: compile_row(out, rows, "modernbert_base", 512, 256, "v5e-8", False, "none"))
+    work.append(
+        lambda: compile_row(out, rows, "modernbert_base", 1024, 128, "v5e-8", False, "none")
+    )
+    work.append(lambda: compile_row(out, rows, "modernbert_base", 1024, 64, "v5e-8", False, "none"))
+    work.append(
+        lambda: compile_row(out, rows, "modernbert_base", 1024, 128, "v5e-8", False, "full")
+    )
     search("v5e-8", False, "none", 64)
     search("v5e-8", False, "full", 64)
     search("v5p-8", False, "none", 256)
