@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import jax
 import ml_collections
+from flax import traverse_util
 
 from mlm import checkpoint
 from mlm import config as config_lib
@@ -233,15 +234,9 @@ def check_consistent(
     return previous
 
 
-def _dotted(fields: dict, prefix: str) -> dict:
+def _dotted(fields: dict, section: str) -> dict:
     """A config section's leaf fields by dotted name (`model.albert.num_hidden_groups`)."""
-    flat = {}
-    for field, value in fields.items():
-        if isinstance(value, dict):
-            flat.update(_dotted(value, f"{prefix}.{field}"))
-        else:
-            flat[f"{prefix}.{field}"] = value
-    return flat
+    return traverse_util.flatten_dict({section: fields}, sep=".")
 
 
 def state_mismatch(

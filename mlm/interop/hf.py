@@ -144,15 +144,13 @@ def read_vocab(model_dir: str) -> str:
         vocab_tokens(text, path)
         return text
     tokenizer_path = os.path.join(model_dir, TOKENIZER_FILENAME)
-    if not os.path.isfile(tokenizer_path) and os.path.isfile(
-        os.path.join(model_dir, SENTENCEPIECE_FILENAME)
-    ):
-        raise DataError(
-            f"'{model_dir}' has a SentencePiece tokenizer ({SENTENCEPIECE_FILENAME}); mlm's "
-            "vocabs are WordPiece, so only models with a WordPiece vocab.txt or tokenizer.json "
-            "convert"
-        )
     if not os.path.isfile(tokenizer_path):
+        if os.path.isfile(os.path.join(model_dir, SENTENCEPIECE_FILENAME)):
+            raise DataError(
+                f"'{model_dir}' has a SentencePiece tokenizer ({SENTENCEPIECE_FILENAME}); mlm's "
+                "vocabs are WordPiece, so only models with a WordPiece vocab.txt or "
+                "tokenizer.json convert"
+            )
         raise DataError(
             f"'{model_dir}' holds no {VOCAB_FILENAME} or {TOKENIZER_FILENAME}; save the "
             "tokenizer next to the model (tokenizer.save_pretrained)"
