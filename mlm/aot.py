@@ -405,6 +405,11 @@ def run() -> None:
             logging.set_verbosity(logging.WARNING)
         # Compile-only TPU devices come from libtpu directly; computation stays on the CPU.
         jax.config.update("jax_platforms", "cpu")
+        # Executables for compile-only devices cannot be loaded back from JAX's persistent
+        # compilation cache (JAX_COMPILATION_CACHE_DIR): each read would warn and recompile, and
+        # each write would store megabytes that no run can use. A cache hit would also skip the
+        # compilation whose memory report gives the HBM figure.
+        jax.config.update("jax_enable_compilation_cache", False)
         config = config_flag.value
         record = compile_for_topology(config, topology_flag.value)
         print(json.dumps(record), flush=True)

@@ -120,24 +120,32 @@ def test_fsdp_splits_the_state_over_the_chips(data_parallel, fully_sharded):
     )
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "mlm.aot", *args],
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
 
 
-def test_a_config_that_does_not_fit_exits_1_saying_by_how_much_and_what_to_try():
+def test_a_config_that_does_not_fit_exits_1_saying_by_how_much_and_what_to_try(tmp_path):
+    cache = tmp_path / "jax_cache"
     result = run_cli(
         "--config",
         "configs/bert_tiny.py",
         "--topology",
         "v5e-4",
         "--config.train.global_batch_size=65536",
+        env={
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        },
     )
+    # JAX's persistent compilation cache is off in mlm.aot (its executables could not be
+    # loaded back); with it on, the set-up's small CPU programs alone write entries here.
+    assert not cache.exists() or not any(cache.iterdir())
     assert result.returncode == 1, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
     assert record["fits"] is False
