@@ -1,9 +1,36 @@
 """Test session set-up shared by every test file."""
 
+import atexit
+import os
+import shutil
+import tempfile
+
+import jax
 import pytest
 
 from mlm import kernels
 
+
+def share_compilations() -> str:
+    """Points JAX's persistent compilation cache at a fresh directory of this test process.
+
+    Many tests compile the same tiny programs, in this process and in the subprocesses they
+    start (which inherit the environment); with the cache each is compiled once per pytest
+    worker. The directory is removed when the process exits.
+
+    Returns:
+      The cache directory.
+    """
+    path = tempfile.mkdtemp(prefix="mlm-tests-jax-cache-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+share_compilations()
 # With the tpu extra installed on a host without TPU chips, keep JAX on the CPU quietly, as the
 # command-line entry points do (their subprocesses call it themselves).
 kernels.skip_absent_tpu()
