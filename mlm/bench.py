@@ -418,6 +418,9 @@ def run() -> None:
             if not flags.FLAGS["verbosity"].present:
                 logging.set_verbosity(logging.WARNING)
             kernels.skip_absent_tpu()
+            # The records time compilation (compile_s): a hit in JAX's persistent compilation
+            # cache (JAX_COMPILATION_CACHE_DIR) would time reading the executable instead.
+            jax.config.update("jax_enable_compilation_cache", False)
             kernels.tune_host(jax.devices()[0].platform)  # As mlm.train's command line does.
             text, records = measure(config_flag.value)
             print(text)

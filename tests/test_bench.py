@@ -13,13 +13,14 @@ from mlm import config_file as config_file_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run(
         [sys.executable, "-m", "mlm.bench", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=120,
+        env=None if env is None else {**os.environ, **env},
     )
 
 
@@ -94,6 +95,7 @@ def test_old_flags_select_their_subcommand(argv, subcommand, rest):
 
 def test_cli_step_benchmark_prints_one_json_line_last(tmp_path):
     out = tmp_path / "step.jsonl"
+    cache = tmp_path / "jax_cache"
     result = run_cli(
         "--config",
         "configs/quickstart.py",
@@ -104,8 +106,14 @@ def test_cli_step_benchmark_prints_one_json_line_last(tmp_path):
         "--config.data.seq_length=32",
         "--config.data.max_predictions_per_seq=5",
         f"--json_out={out}",
+        env={
+            "JAX_COMPILATION_CACHE_DIR": str(cache),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        },
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    # compile_s times a compilation: JAX's persistent compilation cache is off in mlm.bench.
+    assert not cache.exists() or not any(cache.iterdir())
     lines = result.stdout.strip().splitlines()
     assert lines[-2].startswith("train step (cpu kernels) on ")
     record = json.loads(lines[-1])
