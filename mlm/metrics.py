@@ -18,7 +18,6 @@ from typing import Any, TextIO
 import jax
 import ml_collections
 import tqdm
-from tensorboardX import SummaryWriter
 
 from mlm.errors import ConfigError
 from mlm.paths import (
@@ -27,6 +26,28 @@ from mlm.paths import (
     metrics_path,
     write_text_atomically,
 )
+
+
+def _summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported on first use and without importing torch.
+
+    When torch is installed, `import tensorboardX` imports it too (only to accept torch tensors,
+    which mlm never passes): 2.2 s of a 5.6 s `mlm.train` start on a 2-core CPU. Marking torch
+    absent in `sys.modules` for the import makes tensorboardX skip it; the mark is removed at
+    once, so a later `import torch` works as usual.
+
+    Returns:
+      The `tensorboardX.SummaryWriter` class.
+    """
+    hide_torch = "torch" not in sys.modules
+    if hide_torch:
+        sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` -> ImportError.
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide_torch and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return SummaryWriter
 
 
 def _jsonable(value: float | int) -> float | int | str | None:
@@ -66,7 +87,7 @@ class MetricWriter:
         if self._enabled:
             if start_step is not None:
                 self.drop_after(start_step)
-            self._tensorboard = SummaryWriter(
+            self._tensorboard = _summary_writer_class()(
                 os.path.join(workdir, tensorboard_dirname),
                 purge_step=None if start_step is None else start_step + 1,
             )

@@ -77,6 +77,32 @@ def test_tensorboard_reads_the_scalars_the_json_lines_hold(tmp_path):
     assert scalars["eval/validation_loss"] == [(8, 8.2)]
 
 
+def test_writing_tensorboard_events_does_not_import_torch(tmp_path):
+    # torch is installed here (the interop extra); tensorboardX would import it (2 s) to accept
+    # torch tensors. A fresh process, so that no other test has imported torch already.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "import mlm.train\n"
+        "from mlm.metrics import MetricWriter\n"
+        "assert 'tensorboardX' not in sys.modules\n"
+        f"writer = MetricWriter({str(tmp_path)!r})\n"
+        "writer.write('metrics', {'step': 1, 'loss': 2.5})\n"
+        "writer.close()\n"
+        "assert 'tensorboardX' in sys.modules and 'torch' not in sys.modules\n"
+        "import torch\n"
+        "print(torch.ones(2).sum().item())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["2.0"]  # torch itself still imports afterwards.
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
 def wandb_records(path) -> list:
     """The records of a W&B run file (`run-ID.wandb`): W&B's 7-byte header, then LevelDB's log
     format (32 KiB blocks of chunks: crc32 uint32, length uint16, type uint8; 1 full, 2 first,
