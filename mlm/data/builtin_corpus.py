@@ -190,10 +190,10 @@ def is_prose_sentence(sentence: str) -> bool:
 
 def _letter_fraction(text: str) -> float:
     """Fraction of letters among the non-space characters of ``text``."""
-    characters = [character for character in text if not character.isspace()]
+    characters = "".join(text.split())  # str.split() splits at exactly the str.isspace ones.
     if not characters:
         return 0.0
-    return sum(character.isalpha() for character in characters) / len(characters)
+    return sum(map(str.isalpha, characters)) / len(characters)
 
 
 def docstring_paragraphs(docstring: str) -> list[str]:
@@ -318,6 +318,9 @@ def stdlib_modules(stdlib_dir: str | None = None) -> list[tuple[str, str]]:
     return sorted(modules)
 
 
+_STATEMENT_NODES = (ast.stmt, ast.excepthandler, ast.match_case)
+
+
 def _module_name(relative_path: str) -> str:
     """``email/mime/text.py`` -> ``email.mime.text``; ``json/__init__.py`` -> ``json``."""
     parts = relative_path[: -len(".py")].split(os.sep)
@@ -364,7 +367,14 @@ def module_docstrings(path: str) -> list[str]:
             docstring = ast.get_docstring(node, clean=True)
             if docstring:
                 docstrings.append(docstring)
-        nodes.extend(reversed(list(ast.iter_child_nodes(node))))
+        # Classes and functions are statements, nested only in statements (and in the except
+        # and case clauses of try / match): expressions, which hold most of a tree's nodes,
+        # are not walked.
+        nodes.extend(
+            child
+            for child in reversed(list(ast.iter_child_nodes(node)))
+            if isinstance(child, _STATEMENT_NODES)
+        )
     return docstrings
 
 
