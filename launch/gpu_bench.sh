@@ -8,10 +8,11 @@
 #
 #   --no-install  use the Python environment already active (mlm installed with '.[cuda]')
 #                 instead of creating .venv-gpu and installing into it
-#   --steps N     timed steps per run (default 20; 3 untimed warm-up steps come first)
+#   --steps N     timed steps per run (default 20; 3 untimed warm-up steps come first, 1 with
+#                 --quick)
 #   --out DIR     where gpu_bench.jsonl goes (default: the current directory)
-#   --quick       BERT-tiny with small batches instead: checks the script itself in a minute,
-#                 on any machine (a CPU too)
+#   --quick       BERT-tiny with small batches and one warm-up step instead: checks the
+#                 script itself in a minute, on any machine (a CPU too)
 set -euo pipefail
 
 install=1
@@ -52,7 +53,9 @@ runs=(
   "bert_base configs/bert_base.py 256 128 20"
   "bert_large configs/bert_large.py 32 512 80"
 )
+warmup=3
 if [ "$quick" = 1 ]; then
+  warmup=1
   runs=(
     "bert_tiny configs/bert_tiny.py 8 128 20"
     "bert_tiny configs/bert_tiny.py 4 512 80"
@@ -62,7 +65,7 @@ for run in "${runs[@]}"; do
   read -r name config batch seq preds <<<"$run"
   for attention_dropout in 0.0 0.1; do
     echo "== $name seq $seq batch $batch bfloat16, standard kernels, attention dropout $attention_dropout" >&2
-    printed=$(python -m mlm.bench step --config "$config" --steps "$steps" --warmup 3 \
+    printed=$(python -m mlm.bench step --config "$config" --steps "$steps" --warmup "$warmup" \
       --config.model.dtype=bfloat16 --config.model.kernels=standard \
       --config.model.attention_dropout_rate="$attention_dropout" \
       --config.train.global_batch_size="$batch" --config.data.seq_length="$seq" \

@@ -30,7 +30,21 @@ def share_compilations() -> str:
     return path
 
 
+def compile_with_few_optimizations() -> None:
+    """Turns on `jax_disable_most_optimizations` here and in the subprocesses tests start.
+
+    The suite's programs are tiny models run for a few steps, so XLA's optimization passes
+    (LLVM's above all) cost far more than they save: the train step of a 1-layer model took
+    15 s to compile on 2 cores with them and 7 s without. The tests compare numbers between runs
+    and layouts, which all compile this way. tests/test_aot.py turns it off again for the real
+    TPU compiler's memory and FLOP figures.
+    """
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1"
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 share_compilations()
+compile_with_few_optimizations()
 # With the tpu extra installed on a host without TPU chips, keep JAX on the CPU quietly, as the
 # command-line entry points do (their subprocesses call it themselves).
 kernels.skip_absent_tpu()

@@ -69,6 +69,15 @@ def test_out_of_memory_errors_are_read_and_others_are_not():
     assert aot.out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fully_optimized():
+    """The real compiler's figures: undoes tests/conftest.py's few-optimizations setting."""
+    before = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 def tiny_config(**mesh):
     config = config_file_lib.load_config_file("configs/bert_tiny.py")
     config.train.global_batch_size = 64
@@ -126,7 +135,12 @@ def run_cli(*args, env=None):
         capture_output=True,
         text=True,
         timeout=900,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        env={
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "JAX_DISABLE_MOST_OPTIMIZATIONS": "0",  # See fully_optimized.
+            **(env or {}),
+        },
     )
 
 

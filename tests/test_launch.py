@@ -702,7 +702,7 @@ def test_gpu_bench_quick_runs_every_case_and_prints_the_table(tmp_path):
             "--no-install",
             "--quick",
             "--steps",
-            "2",
+            "1",
             "--out",
             str(tmp_path),
         ],
