@@ -103,6 +103,9 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("TMPDIR", str(tmp_path))  # the notebook's workdir goes under tmp_path
+    # 60 steps of the quickstart model: here XLA's optimizations pay for themselves (41 s
+    # against 58 s without them); tests/conftest.py turns them off for the other tests.
+    monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "0")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     # The notebook's own schedule (300 steps) shortened, so the suite stays fast on 2 cores;
     # every cell still runs as written.
