@@ -35,7 +35,8 @@ def compile_with_few_optimizations() -> None:
 
     The suite's programs are tiny models run for a few steps, so XLA's optimization passes
     (LLVM's above all) cost far more than they save: the train step of a 1-layer model took
-    15 s to compile on 2 cores with them and 7 s without. The tests compare numbers between runs
+    15 s to compile with them and 7 s without (one run each, on a 2-core AMD EPYC beside another
+    test run). The tests compare numbers between runs
     and layouts, which all compile this way. tests/test_aot.py turns it off again for the real
     TPU compiler's memory and FLOP figures.
     """
