@@ -87,9 +87,14 @@ class MetricWriter:
         if self._enabled:
             if start_step is not None:
                 self.drop_after(start_step)
+            # tensorboardX names a file by the second it was made and opens it with "wb": a
+            # second writer made within the same second (an eval, then the run resumed) would
+            # truncate the first one's file. The nanosecond suffix keeps the names apart, and
+            # in the order they were made, which is the order TensorBoard reads them in.
             self._tensorboard = _summary_writer_class()(
                 os.path.join(workdir, tensorboard_dirname),
                 purge_step=None if start_step is None else start_step + 1,
+                filename_suffix=f".{time.time_ns()}",
             )
 
     def write(self, name: str, metrics: Mapping[str, float | int]) -> None:

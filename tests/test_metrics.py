@@ -77,6 +77,33 @@ def test_tensorboard_reads_the_scalars_the_json_lines_hold(tmp_path):
     assert scalars["eval/validation_loss"] == [(8, 8.2)]
 
 
+def test_two_writers_made_within_one_second_keep_both_event_files(tmp_path, monkeypatch):
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlm.metrics import MetricWriter
+
+    # tensorboardX names its file by the second: an eval (a reader), then the run resumed
+    # from the same step, both within one second.
+    monkeypatch.setattr(time, "time", lambda: 1_796_000_000.25)
+    reader = MetricWriter(str(tmp_path), start_step=None)
+    reader.write("eval_metrics", {"step": 8, "validation_loss": 8.2})
+    reader.close()
+    resumed = MetricWriter(str(tmp_path), start_step=8)
+    for step, loss in ((12, 8.0), (16, 7.5)):
+        resumed.write("metrics", {"step": step, "loss": loss})
+    resumed.close()
+    monkeypatch.undo()
+    assert len(list((tmp_path / "tensorboard").iterdir())) == 2
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("eval/validation_loss")] == [
+        (8, 8.2)
+    ]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(12, 8.0), (16, 7.5)]
+
+
 def test_writing_tensorboard_events_does_not_import_torch(tmp_path):
     # torch is installed here (the interop extra); tensorboardX would import it (2 s) to accept
     # torch tensors. A fresh process, so that no other test has imported torch already.
