@@ -176,6 +176,7 @@ def wandb_history(path) -> list[dict]:
 
 def test_wandb_gets_the_same_scalars_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch):
     import json
+    import re
 
     from mlm import config as config_lib
     from mlm.metrics import MetricWriter, start_wandb
@@ -197,7 +198,8 @@ def test_wandb_gets_the_same_scalars_and_a_resumed_run_continues_its_run(tmp_pat
     # W&B names a run's folder offline-run-TIME-ID, with "-1" added when the resumed run starts
     # within the same second as the first: sorted by name, the first run comes first either way.
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(f"-{run_id}" in run.name for run in runs)
+    folder = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{run_id}(-\d+)?")
+    assert len(runs) == 2 and all(folder.fullmatch(run.name) for run in runs)
     histories = [wandb_history(run / f"run-{run_id}.wandb") for run in runs]
     assert histories == [
         [
